@@ -1,0 +1,282 @@
+"""The FFN-neuron table: where the knowledge neurons of each architecture live.
+
+A knowledge neuron is one input feature of a layer's FFN *output projection* (the second matrix of the
+feed-forward block): post-activation, and for gated MLPs the product ``act(gate) * up``. It is read with a
+forward pre-hook on that projection. The matching *value slot* is the projection's weight column for a
+``nn.Linear`` (``weight[:, i]``) or the weight row for GPT-2's transposed ``Conv1D`` (``weight[i, :]``).
+
+Every architecture fact lives in :data:`ARCHITECTURES`, keyed by ``config.model_type``:
+
+``kind``
+    ``"masked"`` (cloze by mask tokens) or ``"causal"`` (cloze by continuation).
+``layers``
+    dotted path of the list of transformer blocks, relative to ``model.base_model`` (HF's base model).
+``ffn_out``
+    dotted path, relative to one block, of the FFN output projection.
+``ffn_in``
+    dotted path(s) of the projection(s) feeding the activation (documentation and tests only).
+``gated``
+    whether the neuron is ``act(gate) * up``.
+``unembedding``
+    dotted path (relative to the task model) of the output word embedding matrix, or ``None`` to use
+    ``model.get_output_embeddings()``.
+
+Unknown types fall back to a structural guess that warns what it chose; :func:`register_architecture`
+adds or replaces entries; ``resolve(model, overrides=...)`` accepts dotted-path overrides.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import nn
+
+from .errors import KneuronsError
+
+try:  # GPT-2 style transposed linear layer
+    from transformers.pytorch_utils import Conv1D
+except Exception:  # pragma: no cover - very old transformers
+    Conv1D = ()  # type: ignore[assignment]
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    model_type: str
+    kind: str  # "masked" | "causal"
+    layers: str
+    ffn_out: str
+    ffn_in: tuple[str, ...] = ()
+    gated: bool = False
+    unembedding: str | None = None
+    note: str = ""
+
+
+def _e(model_type, kind, layers, ffn_out, ffn_in=(), gated=False, unembedding=None, note=""):
+    if isinstance(ffn_in, str):
+        ffn_in = (ffn_in,)
+    return ArchSpec(model_type, kind, layers, ffn_out, tuple(ffn_in), gated, unembedding, note)
+
+
+# The table. Paths were read off the Hugging Face implementations (transformers 5) and each entry is checked
+# by tests/test_architectures.py on a tiny random model built from its config.
+_TABLE: list[ArchSpec] = [
+    # encoder (masked) models
+    _e("bert", "masked", "encoder.layer", "output.dense", "intermediate.dense"),
+    _e("roberta", "masked", "encoder.layer", "output.dense", "intermediate.dense"),
+    _e("xlm-roberta", "masked", "encoder.layer", "output.dense", "intermediate.dense"),
+    _e("camembert", "masked", "encoder.layer", "output.dense", "intermediate.dense"),
+    _e("electra", "masked", "encoder.layer", "output.dense", "intermediate.dense"),
+    _e("distilbert", "masked", "transformer.layer", "ffn.lin2", "ffn.lin1"),
+    _e("modernbert", "masked", "layers", "mlp.Wo", "mlp.Wi", gated=True,
+       note="Wi produces [input, gate]; neuron = act(input) * gate"),
+    # decoder (causal) models
+    _e("gpt2", "causal", "h", "mlp.c_proj", "mlp.c_fc", note="Conv1D: value slot = weight row"),
+    _e("gpt_neo", "causal", "h", "mlp.c_proj", "mlp.c_fc"),
+    _e("gptj", "causal", "h", "mlp.fc_out", "mlp.fc_in"),
+    _e("gpt_neox", "causal", "layers", "mlp.dense_4h_to_h", "mlp.dense_h_to_4h"),
+    _e("gpt_bigcode", "causal", "h", "mlp.c_proj", "mlp.c_fc"),
+    _e("opt", "causal", "decoder.layers", "fc2", "fc1"),
+    _e("bloom", "causal", "h", "mlp.dense_4h_to_h", "mlp.dense_h_to_4h"),
+    _e("falcon", "causal", "h", "mlp.dense_4h_to_h", "mlp.dense_h_to_4h"),
+    _e("phi", "causal", "layers", "mlp.fc2", "mlp.fc1"),
+    _e("llama", "causal", "layers", "mlp.down_proj", ("mlp.gate_proj", "mlp.up_proj"), gated=True),
+    _e("mistral", "causal", "layers", "mlp.down_proj", ("mlp.gate_proj", "mlp.up_proj"), gated=True),
+    _e("qwen2", "causal", "layers", "mlp.down_proj", ("mlp.gate_proj", "mlp.up_proj"), gated=True),
+    _e("qwen3", "causal", "layers", "mlp.down_proj", ("mlp.gate_proj", "mlp.up_proj"), gated=True),
+    _e("olmo2", "causal", "layers", "mlp.down_proj", ("mlp.gate_proj", "mlp.up_proj"), gated=True),
+    _e("gemma", "causal", "layers", "mlp.down_proj", ("mlp.gate_proj", "mlp.up_proj"), gated=True),
+    _e("gemma2", "causal", "layers", "mlp.down_proj", ("mlp.gate_proj", "mlp.up_proj"), gated=True),
+    _e("gemma3_text", "causal", "layers", "mlp.down_proj", ("mlp.gate_proj", "mlp.up_proj"), gated=True),
+    _e("phi3", "causal", "layers", "mlp.down_proj", "mlp.gate_up_proj", gated=True,
+       note="gate_up_proj is fused: neuron = act(gate) * up of its two halves"),
+    _e("starcoder2", "causal", "layers", "mlp.c_proj", "mlp.c_fc"),
+]
+
+ARCHITECTURES: dict[str, ArchSpec] = {spec.model_type: spec for spec in _TABLE}
+
+
+def register_architecture(model_type: str, *, kind: str, layers: str, ffn_out: str, ffn_in=(),
+                          gated: bool = False, unembedding: str | None = None, note: str = "",
+                          replace_existing: bool = False) -> ArchSpec:
+    """Add an architecture to the table (or replace one with ``replace_existing=True``)."""
+    if kind not in ("masked", "causal"):
+        raise KneuronsError(f"kind must be 'masked' or 'causal', got {kind!r}")
+    if model_type in ARCHITECTURES and not replace_existing:
+        raise KneuronsError(f"architecture {model_type!r} is already registered (pass replace_existing=True)")
+    spec = _e(model_type, kind, layers, ffn_out, ffn_in, gated, unembedding, note)
+    ARCHITECTURES[model_type] = spec
+    return spec
+
+
+def get_attr_path(root: nn.Module, path: str):
+    obj = root
+    for part in path.split("."):
+        if part == "":
+            continue
+        if part.isdigit() and isinstance(obj, (nn.ModuleList, nn.Sequential, list, tuple)):
+            obj = obj[int(part)]
+        else:
+            obj = getattr(obj, part)
+    return obj
+
+
+@dataclass
+class ResolvedArch:
+    """An :class:`ArchSpec` bound to one model instance."""
+
+    spec: ArchSpec
+    layers: list[nn.Module]
+    ffn_out: list[nn.Module]
+    d_ff: int
+    d_model: int
+    transposed: bool  # True for Conv1D (value slot = weight row)
+    guessed: bool = False
+    _model: nn.Module | None = field(default=None, repr=False)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    def value_slots(self, layer: int) -> torch.Tensor:
+        """A ``[d_ff, d_model]`` *view* of the value slots of ``layer`` (row i = slot of neuron i)."""
+        w = self.ffn_out[layer].weight
+        return w if self.transposed else w.t()
+
+    def unembedding(self) -> torch.Tensor:
+        """The output word-embedding matrix ``[vocab, d_model]``."""
+        if self.spec.unembedding:
+            return get_attr_path(self._model, self.spec.unembedding)
+        emb = self._model.get_output_embeddings()
+        if emb is None:
+            raise KneuronsError(f"model type {self.spec.model_type!r} has no output embeddings")
+        return emb.weight
+
+    def embedding(self) -> torch.Tensor:
+        """The input word-embedding matrix ``[vocab, d_model]``."""
+        return self._model.get_input_embeddings().weight
+
+
+def _in_out(module: nn.Module) -> tuple[int, int, bool]:
+    """(in_features, out_features, transposed) of a projection module."""
+    if Conv1D and isinstance(module, Conv1D):
+        return module.weight.shape[0], module.weight.shape[1], True
+    w = getattr(module, "weight", None)
+    if isinstance(module, nn.Linear) or (w is not None and w.dim() == 2):
+        return w.shape[1], w.shape[0], False
+    raise KneuronsError(f"FFN output projection {type(module).__name__} is neither nn.Linear nor Conv1D")
+
+
+def _base(model: nn.Module) -> nn.Module:
+    base = getattr(model, "base_model", None)
+    return base if isinstance(base, nn.Module) else model
+
+
+def _bind(model: nn.Module, spec: ArchSpec, guessed: bool = False) -> ResolvedArch:
+    base = _base(model)
+    layers = None
+    for root in (base, model):
+        try:
+            layers = get_attr_path(root, spec.layers)
+            break
+        except AttributeError:
+            continue
+    if layers is None or not isinstance(layers, (nn.ModuleList, nn.Sequential, list, tuple)):
+        raise KneuronsError(f"model type {spec.model_type!r}: no list of layers at {spec.layers!r}")
+    layers = list(layers)
+    try:
+        outs = [get_attr_path(layer, spec.ffn_out) for layer in layers]
+    except AttributeError:
+        raise KneuronsError(f"model type {spec.model_type!r}: layers have no FFN output projection {spec.ffn_out!r}")
+    d_ff, d_model, transposed = _in_out(outs[0])
+    return ResolvedArch(spec, layers, outs, d_ff, d_model, transposed, guessed, model)
+
+
+_FFN_OUT_NAMES = ("down_proj", "c_proj", "fc2", "dense_4h_to_h", "fc_out", "lin2", "Wo", "w2", "output.dense")
+
+
+def _guess(model: nn.Module, model_type: str) -> ArchSpec:
+    """Structural fallback: the longest ModuleList of blocks, and in a block the projection that maps the
+    widest hidden size back to the model width, preferring the usual names, skipping attention."""
+    base = _base(model)
+    best = None
+    for name, mod in base.named_modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0:
+            if best is None or len(mod) > len(best[1]):
+                best = (name, mod)
+    if best is None:
+        raise KneuronsError(f"unsupported model type {model_type!r}: no list of layers found (register_architecture it)")
+    layers_path, layers = best
+    block = layers[0]
+    candidates = []
+    for name, mod in block.named_modules():
+        if not name or "attn" in name.lower() or "attention" in name.lower():
+            continue
+        try:
+            d_in, d_out, _ = _in_out(mod)
+        except KneuronsError:
+            continue
+        if d_in > d_out:
+            named = any(name == n or name.endswith("." + n) for n in _FFN_OUT_NAMES)
+            candidates.append((named, d_in, name))
+    if not candidates:
+        raise KneuronsError(f"unsupported model type {model_type!r}: no FFN output projection found in {layers_path}")
+    candidates.sort(reverse=True)
+    ffn_out = candidates[0][2]
+    kind = "masked" if _looks_masked(model) else "causal"
+    warnings.warn(
+        f"kneurons: model type {model_type!r} is not in the FFN table; guessed layers={layers_path!r}, "
+        f"ffn_out={ffn_out!r}, kind={kind!r}. Check it, then register_architecture() it.",
+        stacklevel=3,
+    )
+    return ArchSpec(model_type, kind, layers_path, ffn_out, note="structural guess")
+
+
+def _looks_masked(model: nn.Module) -> bool:
+    names = list(getattr(model.config, "architectures", None) or []) + [type(model).__name__]
+    if any("MaskedLM" in n for n in names):
+        return True
+    if any("CausalLM" in n or "LMHead" in n for n in names):
+        return False
+    return not bool(getattr(model.config, "is_decoder", False)) and "encoder" in dict(model.named_children()).keys()
+
+
+def lookup(model_type: str) -> ArchSpec | None:
+    return ARCHITECTURES.get(model_type)
+
+
+def resolve(model: nn.Module, overrides: dict | None = None, fallback: bool = True) -> ResolvedArch:
+    """Bind the table entry for ``model.config.model_type`` to ``model``.
+
+    ``overrides`` may replace any :class:`ArchSpec` field, e.g. ``{"ffn_out": "mlp.proj_out"}``.
+    Without an entry, ``fallback=True`` guesses the structure (with a warning); ``fallback=False`` raises.
+    """
+    model_type = getattr(getattr(model, "config", None), "model_type", None) or type(model).__name__
+    spec = ARCHITECTURES.get(model_type)
+    guessed = False
+    if spec is None:
+        if overrides and {"layers", "ffn_out", "kind"} <= set(overrides):
+            spec = ArchSpec(model_type, overrides["kind"], overrides["layers"], overrides["ffn_out"])
+        elif not fallback:
+            raise KneuronsError(
+                f"unsupported model type {model_type!r}: not in the FFN table and the fallback is off "
+                "(use register_architecture or overrides)")
+        else:
+            spec = _guess(model, model_type)
+            guessed = True
+    if overrides:
+        unknown = set(overrides) - set(ArchSpec.__dataclass_fields__)
+        if unknown:
+            raise KneuronsError(f"unknown architecture override(s): {', '.join(sorted(unknown))}")
+        ov = dict(overrides)
+        if isinstance(ov.get("ffn_in"), str):
+            ov["ffn_in"] = (ov["ffn_in"],)
+        spec = replace(spec, **ov)
+    return _bind(model, spec, guessed)
+
+
+def table() -> list[ArchSpec]:
+    """A copy of the table, for display."""
+    return [copy.copy(s) for s in ARCHITECTURES.values()]

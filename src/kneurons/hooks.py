@@ -1,0 +1,139 @@
+"""The one hook mechanism: forward pre-hooks on the FFN output projections.
+
+Everything that reads or changes neurons — capturing activations, integrated-gradient scaling, suppress and
+amplify — goes through :func:`ffn_hooks`, which installs one forward pre-hook per layer's FFN output
+projection and calls ``fn(layer, x)`` with the projection's input ``x`` (``[batch, seq, d_ff]``). ``fn`` returns
+a replacement tensor or ``None`` (leave unchanged). Hooks are always removed on exit, also on error.
+
+:func:`replay_layers` is the one compute shortcut: blocks below a patched layer are identical for every row of
+a batch, so their outputs are replayed from a cached clean run instead of recomputed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterable
+
+import torch
+
+from .architectures import ResolvedArch
+
+HookFn = Callable[[int, torch.Tensor], "torch.Tensor | None"]
+
+
+@contextlib.contextmanager
+def ffn_hooks(arch: ResolvedArch, fn: HookFn, layers: Iterable[int] | None = None):
+    """Install ``fn`` as a forward pre-hook on the FFN output projection of ``layers`` (default all)."""
+    handles = []
+    chosen = range(arch.n_layers) if layers is None else sorted(set(int(l) for l in layers))
+    try:
+        for layer in chosen:
+            module = arch.ffn_out[layer]
+
+            def hook(mod, args, _layer=layer):
+                new = fn(_layer, args[0])
+                if new is None:
+                    return None
+                return (new,) + tuple(args[1:])
+
+            handles.append(module.register_forward_pre_hook(hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class Capture:
+    """Stores the FFN activations seen by :func:`ffn_hooks` (optionally at chosen positions only)."""
+
+    def __init__(self, positions: torch.Tensor | None = None, detach: bool = True):
+        self.positions = positions  # [batch] index of one position per row, or None for all
+        self.detach = detach
+        self.acts: dict[int, torch.Tensor] = {}
+
+    def __call__(self, layer: int, x: torch.Tensor):
+        t = x.detach() if self.detach else x
+        if self.positions is not None:
+            t = t[torch.arange(t.shape[0], device=t.device), self.positions.to(t.device)]
+        self.acts[layer] = t.clone() if self.detach else t
+        return None
+
+    def stacked(self) -> torch.Tensor:
+        """``[n_layers, batch, (seq,) d_ff]`` in layer order."""
+        return torch.stack([self.acts[k] for k in sorted(self.acts)])
+
+
+@contextlib.contextmanager
+def capture(arch: ResolvedArch, positions: torch.Tensor | None = None, layers=None):
+    """Context manager yielding a :class:`Capture` filled by the next forward pass."""
+    cap = Capture(positions)
+    with ffn_hooks(arch, cap, layers):
+        yield cap
+
+
+@contextlib.contextmanager
+def capture_layer_outputs(arch: ResolvedArch, layers: Iterable[int]):
+    """Record the raw output object of the given blocks (for :func:`replay_layers`)."""
+    store: dict[int, object] = {}
+    handles = []
+    try:
+        for layer in layers:
+            def hook(mod, args, output, _layer=layer):
+                store[_layer] = _map_tensors(output, lambda t: t.detach())
+            handles.append(arch.layers[layer].register_forward_hook(hook))
+        yield store
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _map_tensors(obj, f):
+    if isinstance(obj, torch.Tensor):
+        return f(obj)
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*[_map_tensors(o, f) for o in obj])
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_map_tensors(o, f) for o in obj)
+    if isinstance(obj, dict):
+        return type(obj)({k: _map_tensors(v, f) for k, v in obj.items()})
+    return obj
+
+
+@contextlib.contextmanager
+def replay_layers(arch: ResolvedArch, outputs: dict[int, object], rows: int):
+    """Replace the forward of each block in ``outputs`` by its cached clean output, expanded to ``rows``.
+
+    Valid only when every row's input to those blocks equals the clean run's (true below the lowest patched
+    layer). The cached outputs must have batch size 1.
+    """
+    saved = []
+    try:
+        for layer, out in outputs.items():
+            module = arch.layers[layer]
+            expanded = _map_tensors(out, lambda t: t.expand(rows, *t.shape[1:]) if t.dim() > 0 and t.shape[0] == 1 else t)
+
+            def fwd(*args, _out=expanded, **kwargs):
+                return _out
+
+            saved.append((module, module.__dict__.get("forward")))
+            module.forward = fwd
+        yield
+    finally:
+        for module, old in saved:
+            if old is None:
+                del module.forward
+            else:
+                module.forward = old
+
+
+@contextlib.contextmanager
+def frozen_parameters(model: torch.nn.Module):
+    """Temporarily set ``requires_grad=False`` on every parameter (gradients only w.r.t. activations)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, f in flags:
+            p.requires_grad_(f)

@@ -1,0 +1,220 @@
+"""Cloze prompts, target tokenization and knowledge assessing.
+
+A cloze prompt holds exactly one blank — ``[MASK]``, ``[Y]`` or ``___`` — where the answer goes.
+
+* **Masked LMs**: the blank becomes one mask token per target token. The score of a target is the joint
+  probability of the masks' tokens from *one* forward pass, ``Π_i p(mask_i = t_i)`` (the masks are predicted
+  independently, as BERT does). The attributed position (:attr:`Encoded.blank`) is the first mask.
+* **Causal LMs**: the prompt is cut at the blank, which must end the sentence (only punctuation, quotes or
+  brackets may follow). The score is the teacher-forced joint probability ``Π_i p(t_i | prompt, t_<i)``; the
+  attributed position is the last prompt token, where the first target token is predicted.
+
+Targets are tokenized in context: with a leading space when the blank follows whitespace, and, for causal
+models, as the tokens that the prompt followed by the target adds to the prompt's own tokens.
+
+Batches are right-padded for both model kinds: logits are only read at real positions, and for a causal model
+the pads come after every position read, so they cannot influence it (attention is causal).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import KneuronsError
+
+BLANKS = ("[MASK]", "[Y]", "___")
+_BLANK_RE = re.compile(r"\[MASK\]|\[Y\]|_{3,}")
+_TRAILING_OK = re.compile(r"^[\s\.\?\!,;:\"'\)\]\}»”’…\-]*$")
+
+
+@dataclass(frozen=True)
+class Cloze:
+    text: str
+    before: str
+    after: str
+
+
+def parse_cloze(text: str) -> Cloze:
+    """Split a prompt at its one blank; errors on none or several."""
+    if not isinstance(text, str) or not text.strip():
+        raise KneuronsError("empty prompt")
+    found = _BLANK_RE.findall(text)
+    if not found:
+        raise KneuronsError(f"prompt has no blank ({', '.join(BLANKS)}): {text!r}")
+    if len(found) > 1:
+        raise KneuronsError(f"prompt has {len(found)} blanks, expected one: {text!r}")
+    m = _BLANK_RE.search(text)
+    return Cloze(text, text[: m.start()], text[m.end():])
+
+
+@dataclass
+class Encoded:
+    """One prompt+target, tokenized for scoring.
+
+    ``input_ids``: the tokens fed to the model. ``blank``: the position whose FFN activations are attributed.
+    ``score_positions[i]``: the position whose logits predict ``target_ids[i]``. ``prefix_len`` (causal): the
+    number of prompt tokens (positions ``< prefix_len - 1`` never change under an intervention at ``blank``).
+    """
+
+    prompt: str
+    target: str
+    input_ids: list[int]
+    blank: int
+    score_positions: list[int]
+    target_ids: list[int]
+    prefix_len: int
+
+
+def _ids(tokenizer, text: str, special: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def target_ids(handle, prompt: str, target: str) -> list[int]:
+    return encode(handle, prompt, target).target_ids
+
+
+def encode(handle, prompt: str, target: str) -> Encoded:
+    """Tokenize ``prompt`` (with one blank) and ``target`` for the handle's model kind."""
+    tok = handle.tokenizer
+    cloze = parse_cloze(prompt)
+    if not isinstance(target, str) or not target.strip():
+        raise KneuronsError(f"empty target for prompt {prompt!r}")
+    target = target.strip()
+    sep = " " if cloze.before[-1:].isspace() else ""
+    if handle.is_masked:
+        t_ids = _ids(tok, sep + target, special=False)
+        if not t_ids:
+            raise KneuronsError(f"target {target!r} becomes zero tokens with this tokenizer")
+        mask = tok.mask_token
+        if mask is None or tok.mask_token_id is None:
+            raise KneuronsError(f"masked model {handle.name!r} has a tokenizer without a mask token")
+        before = cloze.before.rstrip() + sep if sep else cloze.before
+        ids = _ids(tok, before + mask * len(t_ids) + cloze.after, special=True)
+        positions = [i for i, t in enumerate(ids) if t == tok.mask_token_id]
+        if len(positions) != len(t_ids):
+            raise KneuronsError(f"could not place {len(t_ids)} mask token(s) in prompt {prompt!r}")
+        return Encoded(prompt, target, ids, positions[0], positions, t_ids, len(ids))
+    # causal
+    if not _TRAILING_OK.match(cloze.after):
+        raise KneuronsError(f"for a causal model the blank must end the prompt (only punctuation may follow): {prompt!r}")
+    before = cloze.before.rstrip()
+    if not before:
+        raise KneuronsError(f"for a causal model the prompt needs text before the blank: {prompt!r}")
+    core = _ids(tok, before, special=False)
+    full = _ids(tok, before + sep + target, special=False)
+    if full[: len(core)] == core and len(full) > len(core):
+        t_ids = full[len(core):]
+    else:
+        t_ids = _ids(tok, sep + target, special=False)
+    if not t_ids:
+        raise KneuronsError(f"target {target!r} becomes zero tokens with this tokenizer")
+    prefix = _ids(tok, before, special=True)
+    eos = getattr(tok, "eos_token_id", None)
+    if eos is not None and len(prefix) > len(core) and prefix[-1] == eos and (not core or core[-1] != eos):
+        prefix = prefix[:-1]
+    if not prefix:
+        raise KneuronsError(f"prompt {prompt!r} becomes zero tokens with this tokenizer")
+    ids = prefix + t_ids[:-1]
+    blank = len(prefix) - 1
+    return Encoded(prompt, target, ids, blank, [blank + i for i in range(len(t_ids))], t_ids, len(prefix))
+
+
+def pad_batch(encs: list[Encoded], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad a list of encodings; return ``input_ids`` and ``attention_mask``."""
+    n = max(len(e.input_ids) for e in encs)
+    ids = torch.full((len(encs), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(encs), n), dtype=torch.long)
+    for r, e in enumerate(encs):
+        ids[r, : len(e.input_ids)] = torch.tensor(e.input_ids)
+        mask[r, : len(e.input_ids)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def pad_id(tokenizer) -> int:
+    for attr in ("pad_token_id", "eos_token_id", "unk_token_id"):
+        v = getattr(tokenizer, attr, None)
+        if v is not None:
+            return int(v)
+    return 0
+
+
+def target_logprob(logits: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor,
+                   valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum over target tokens of ``log p(target_j)`` at ``positions[:, j]``.
+
+    ``logits``: ``[rows, seq, vocab]``; ``positions``/``targets``: ``[rows, T]`` (padded); ``valid``: ``[rows, T]``
+    bool mask of real target tokens. Returns ``[rows]`` (float64-safe: computed in the logits' dtype).
+    """
+    rows = torch.arange(logits.shape[0], device=logits.device)[:, None]
+    sel = logits[rows, positions]  # [rows, T, vocab]
+    logp = torch.log_softmax(sel.float() if sel.dtype in (torch.float16, torch.bfloat16) else sel, dim=-1)
+    lp = logp.gather(-1, targets[..., None])[..., 0]
+    if valid is not None:
+        lp = lp * valid
+    return lp.sum(-1)
+
+
+@dataclass
+class Prediction:
+    token: str
+    token_id: int
+    prob: float
+
+
+@dataclass
+class Assessment:
+    """How a model answers one cloze prompt.
+
+    ``prob``: joint target probability (see module docstring); ``rank``: 1-based rank of the first target token
+    at the first blank position; ``correct``: every target token is the arg-max at its position.
+    """
+
+    prompt: str
+    target: str
+    prob: float
+    logprob: float
+    rank: int
+    correct: bool
+    n_target_tokens: int
+    top: list[Prediction] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"prompt": self.prompt, "target": self.target, "prob": self.prob, "rank": self.rank,
+                "correct": self.correct, "top": ", ".join(f"{p.token.strip() or repr(p.token)} ({p.prob:.3f})" for p in self.top)}
+
+
+def assess(handle, prompts, targets, top_k: int = 5, batch_size: int = 32) -> list[Assessment]:
+    """Score each prompt with its target (``targets`` may be one string for all prompts)."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if isinstance(targets, str):
+        targets = [targets] * len(prompts)
+    if len(targets) != len(prompts):
+        raise KneuronsError(f"{len(prompts)} prompts but {len(targets)} targets")
+    if batch_size < 1:
+        raise KneuronsError("batch_size must be at least 1")
+    encs = [encode(handle, p, t) for p, t in zip(prompts, targets)]
+    tok = handle.tokenizer
+    out: list[Assessment] = []
+    model = handle.model
+    for start in range(0, len(encs), batch_size):
+        chunk = encs[start: start + batch_size]
+        ids, mask = pad_batch(chunk, pad_id(tok), handle.device)
+        with torch.inference_mode():
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        for r, e in enumerate(chunk):
+            pos = torch.tensor(e.score_positions, device=logits.device)
+            logp = torch.log_softmax(logits[r, pos].double(), dim=-1)
+            tgt = torch.tensor(e.target_ids, device=logits.device)
+            lp = float(logp.gather(-1, tgt[:, None]).sum())
+            first = logp[0]
+            rank = int((first > first[tgt[0]]).sum()) + 1
+            correct = bool((logp.argmax(-1) == tgt).all())
+            probs, idx = first.exp().topk(top_k)
+            top = [Prediction(tok.decode([int(i)]), int(i), float(p)) for p, i in zip(probs, idx)]
+            out.append(Assessment(e.prompt, e.target, math.exp(lp), lp, rank, correct, len(e.target_ids), top))
+    return out
