@@ -26,16 +26,32 @@ def ffn_hooks(arch: ResolvedArch, fn: HookFn, layers: Iterable[int] | None = Non
     """Install ``fn`` as a forward pre-hook on the FFN output projection of ``layers`` (default all)."""
     handles = []
     chosen = range(arch.n_layers) if layers is None else sorted(set(int(l) for l in layers))
+    shapes: dict[int, tuple[int, int]] = {}
     try:
         for layer in chosen:
             module = arch.ffn_out[layer]
 
+            def block_hook(mod, args, kwargs, _layer=layer):
+                h = args[0] if args else kwargs.get("hidden_states")
+                if isinstance(h, torch.Tensor) and h.dim() == 3:
+                    shapes[_layer] = (h.shape[0], h.shape[1])
+
             def hook(mod, args, _layer=layer):
-                new = fn(_layer, args[0])
+                x = args[0]
+                flat = None
+                if x.dim() == 2 and _layer in shapes:  # e.g. OPT flattens [batch*seq, d_ff] before fc2
+                    b, s = shapes[_layer]
+                    if b * s == x.shape[0]:
+                        flat = x.shape
+                        x = x.reshape(b, s, x.shape[-1])
+                new = fn(_layer, x)
                 if new is None:
                     return None
+                if flat is not None:
+                    new = new.reshape(flat)
                 return (new,) + tuple(args[1:])
 
+            handles.append(arch.layers[layer].register_forward_pre_hook(block_hook, with_kwargs=True))
             handles.append(module.register_forward_pre_hook(hook))
         yield
     finally:

@@ -1,0 +1,340 @@
+"""Integrated gradients over every FFN neuron (Dai et al. 2022, eq. 3), batched and exact.
+
+For layer ``l`` let ``w`` be the FFN activation (the input of the FFN output projection) at the blank position
+of the clean run. The attribution of neuron ``i`` is::
+
+    Attr_i = w_i / m * sum_{k=1..m} dP(target | w_l := (k/m) w) / dw_i
+
+with only layer ``l``'s activation at the blank position replaced (all other layers and positions run
+normally), a zero baseline and ``m`` steps (default 20). ``P`` is the target's probability (``score="prob"``,
+the paper's choice) or log-probability (``score="logprob"``); for multi-token targets it is the joint
+probability defined in :mod:`kneurons.prompts`, attributed at the first blank position.
+
+How it is fast — the numbers are those of the plain definition (tests compare against a naive reference):
+
+1. one clean forward per prompt caches every block's output and the blank activations;
+2. a batch row that patches layer ``l`` replays the cached outputs of blocks ``< l`` (they are identical for
+   every row) instead of recomputing them;
+3. causal models: positions before the blank never see the patch, so the prompt prefix is run once and kept
+   as a KV cache; each row runs only the blank position and the teacher-forced target positions;
+4. rows of all layers and steps share batches (sorted by layer, cut into ``batch_size`` rows);
+5. gradients flow only to the scaled activations: parameters are frozen during attribution.
+
+A row with ``alpha = 0`` per layer is added to report completeness: ``sum_i Attr_i`` vs ``P(w) - P(0)``.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import __version__
+from .errors import KneuronsError
+from .hooks import capture_layer_outputs, ffn_hooks, frozen_parameters, replay_layers
+from .prompts import Encoded, encode
+
+SCORES = ("prob", "logprob")
+DEFAULT_BATCH_SIZE = 128
+
+
+def model_info(handle) -> dict:
+    return {"name": handle.name, "model_type": handle.model_type, "kind": handle.kind,
+            "n_layers": handle.n_layers, "d_ff": handle.d_ff, "dtype": str(handle.dtype).replace("torch.", ""),
+            "source": getattr(handle, "source", "")}
+
+
+@dataclass
+class Attribution:
+    """Integrated-gradient scores of every FFN neuron for one prompt and target."""
+
+    scores: torch.Tensor  # [n_layers, d_ff]
+    activations: torch.Tensor  # [n_layers, d_ff] clean activations at the blank
+    prompt: str
+    target: str
+    target_ids: list[int]
+    base_score: float  # P(target) (or log P) with nothing changed
+    baseline_scores: torch.Tensor  # [n_layers] score with layer l's blank activation set to 0
+    params: dict
+    model: dict
+    version: str = __version__
+    created: float = field(default_factory=time.time)
+
+    @property
+    def base_prob(self) -> float:
+        return self.base_score if self.params.get("score", "prob") == "prob" else math.exp(self.base_score)
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.scores.shape[0])
+
+    def top(self, k: int = 10) -> list[tuple[int, int, float]]:
+        """The ``k`` highest-scoring neurons as ``(layer, index, score)``."""
+        flat = self.scores.flatten()
+        k = min(int(k), flat.numel())
+        vals, idx = flat.topk(k)
+        d = self.scores.shape[1]
+        return [(int(i) // d, int(i) % d, float(v)) for v, i in zip(vals, idx)]
+
+    def completeness(self):
+        """Per layer: ``sum_i Attr_i``, ``P(w) - P(0)`` and their ratio (1 for exact integration)."""
+        import pandas as pd
+
+        sums = self.scores.double().sum(1)
+        delta = self.base_score - self.baseline_scores.double()
+        return pd.DataFrame({"layer": range(self.n_layers), "sum_attr": sums.numpy(), "delta": delta.numpy(),
+                             "ratio": (sums / delta).numpy()})
+
+    def to_dataframe(self, nonzero: bool = False):
+        """Long format: one row per neuron (layer, neuron, score, activation) plus prompt/target columns."""
+        import pandas as pd
+
+        L, D = self.scores.shape
+        df = pd.DataFrame({
+            "layer": np.repeat(np.arange(L), D), "neuron": np.tile(np.arange(D), L),
+            "score": self.scores.double().flatten().numpy(), "activation": self.activations.double().flatten().numpy(),
+        })
+        if nonzero:
+            df = df[df.score != 0]
+        df.insert(0, "target", self.target)
+        df.insert(0, "prompt", self.prompt)
+        return df.reset_index(drop=True)
+
+    def _meta(self) -> dict:
+        return {"kind": "kneurons.Attribution", "prompt": self.prompt, "target": self.target,
+                "target_ids": self.target_ids, "base_score": self.base_score, "params": self.params,
+                "model": self.model, "version": self.version, "created": self.created}
+
+    def save(self, path, overwrite: bool = False) -> Path:
+        """Write one safetensors file (tensors + JSON metadata), atomically."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        if path.exists() and not overwrite:
+            raise KneuronsError(f"{path} exists (pass overwrite=True / --overwrite to replace it)")
+        if not path.parent.exists():
+            raise KneuronsError(f"directory does not exist: {path.parent}")
+        tensors = {"scores": self.scores.contiguous(), "activations": self.activations.contiguous(),
+                   "baseline_scores": self.baseline_scores.contiguous()}
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        try:
+            save_file(tensors, str(tmp), metadata={"kneurons": json.dumps(self._meta())})
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        return path
+
+    @classmethod
+    def load(cls, path) -> "Attribution":
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.exists():
+            raise KneuronsError(f"attribution file does not exist: {path}")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = json.loads(f.metadata()["kneurons"])
+                tensors = {k: f.get_tensor(k) for k in ("scores", "activations", "baseline_scores")}
+        except Exception as exc:
+            raise KneuronsError(f"not a readable kneurons attribution file: {path} ({type(exc).__name__})")
+        if meta.get("kind") != "kneurons.Attribution":
+            raise KneuronsError(f"not a kneurons attribution file: {path}")
+        return cls(tensors["scores"], tensors["activations"], meta["prompt"], meta["target"], meta["target_ids"],
+                   meta["base_score"], tensors["baseline_scores"], meta["params"], meta["model"], meta["version"],
+                   meta["created"])
+
+
+# ------------------------------------------------------------------------------------------- the engine
+
+def _cache_kwarg(model) -> str:
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _out_cache(out):
+    for name in ("cache", "past_key_values"):
+        c = getattr(out, name, None)
+        if c is not None:
+            return c
+    return None
+
+
+class _Runner:
+    """Runs the model on the 'moving part' of one encoded prompt for a batch of rows."""
+
+    def __init__(self, handle, enc: Encoded, use_cache: bool):
+        self.handle = handle
+        self.model = handle.model
+        dev = handle.device
+        ids = torch.tensor([enc.input_ids], device=dev)
+        self.kv = bool(use_cache and handle.is_causal and enc.blank >= 1)
+        self.cache = None
+        if self.kv:
+            self.cache_kw = _cache_kwarg(self.model)
+            with torch.no_grad():
+                out = self.model(input_ids=ids[:, : enc.blank], use_cache=True)
+            self.cache = _out_cache(out)
+            if self.cache is None or not hasattr(self.cache, "batch_repeat_interleave"):
+                self.kv = False
+        if self.kv:
+            self.ids = ids[:, enc.blank:]
+            self.blank = 0
+            self.positions = [p - enc.blank for p in enc.score_positions]
+        else:
+            self.ids = ids
+            self.blank = enc.blank
+            self.positions = list(enc.score_positions)
+        self.pos_t = torch.tensor(self.positions, device=dev)
+        self.tgt_t = torch.tensor(enc.target_ids, device=dev)
+
+    def forward(self, rows: int):
+        ids = self.ids.expand(rows, -1)
+        if self.kv:
+            cache = copy.deepcopy(self.cache)
+            if rows > 1:
+                cache.batch_repeat_interleave(rows)
+            return self.model(input_ids=ids, use_cache=True, **{self.cache_kw: cache}).logits
+        return self.model(input_ids=ids).logits
+
+    def logprob(self, logits: torch.Tensor) -> torch.Tensor:
+        sel = logits[:, self.pos_t]  # [rows, T, vocab]
+        if sel.dtype in (torch.float16, torch.bfloat16):
+            sel = sel.float()
+        lp = torch.log_softmax(sel, dim=-1)
+        return lp[:, torch.arange(len(self.positions), device=lp.device), self.tgt_t].sum(-1)
+
+
+def _check_params(steps, score, batch_size):
+    if not isinstance(steps, int) or steps < 1:
+        raise KneuronsError(f"steps must be an integer >= 1, got {steps!r}")
+    if score not in SCORES:
+        raise KneuronsError(f"score must be one of {', '.join(SCORES)}, got {score!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise KneuronsError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+
+
+def integrated_gradients(handle, prompt: str, target: str, steps: int = 20, score: str = "prob",
+                         batch_size: int = DEFAULT_BATCH_SIZE, layers=None, use_cache: bool = True,
+                         replay: bool = True, progress: Callable[[int], None] | None = None) -> Attribution:
+    """Attribute ``target`` at the blank of ``prompt`` to every FFN neuron of ``layers`` (default all).
+
+    ``batch_size`` bounds the rows (layer x step) per forward/backward pass — the memory budget; results do not
+    depend on it. ``use_cache``/``replay`` switch the KV-cache and lower-layer replay shortcuts (on by default;
+    the results are the same either way). ``progress(n)`` is called with the number of rows just finished.
+    """
+    _check_params(steps, score, batch_size)
+    arch = handle.arch
+    L = arch.n_layers
+    layers = list(range(L)) if layers is None else sorted(set(int(l) for l in layers))
+    if any(l < 0 or l >= L for l in layers):
+        raise KneuronsError(f"layers must be in 0..{L - 1}")
+    enc = encode(handle, prompt, target)
+    _check_producible(handle, enc)
+    model = handle.model
+    was_training = model.training
+    model.eval()
+    run = _Runner(handle, enc, use_cache)
+
+    # 1. clean run: blank activations of every layer + every block's output (for replay)
+    acts: dict[int, torch.Tensor] = {}
+
+    def grab(layer, x):
+        acts[layer] = x[0, run.blank].detach().clone()
+
+    with torch.no_grad(), ffn_hooks(arch, grab), capture_layer_outputs(arch, range(L)) as outputs:
+        logits = run.forward(1)
+    W = torch.stack([acts[l] for l in range(L)])  # [L, d_ff]
+    base_lp = run.logprob(logits)[0]
+    base = float(base_lp.exp() if score == "prob" else base_lp)
+
+    # 2. rows: (layer, k) for k = 0..steps, sorted by layer
+    row_layer = torch.tensor([l for l in layers for _ in range(steps + 1)])
+    row_k = torch.tensor([k for _ in layers for k in range(steps + 1)])
+    grad_sum = torch.zeros(L, arch.d_ff, dtype=torch.float64 if W.dtype == torch.float64 else torch.float32,
+                           device=W.device)
+    layer_zero = torch.full((L,), float("nan"), dtype=torch.float64)
+    n_rows = len(row_layer)
+    with frozen_parameters(model):
+        for start in range(0, n_rows, batch_size):
+            rl = row_layer[start: start + batch_size]
+            rk = row_k[start: start + batch_size]
+            R = len(rl)
+            alpha = (rk.to(W.dtype) / steps).to(W.device)
+            scaled = (alpha[:, None] * W[rl.to(W.device)]).requires_grad_(True)
+            present = sorted(set(rl.tolist()))
+            sel_by_layer = {l: (rl == l).nonzero()[:, 0].to(W.device) for l in present}
+
+            def patch(layer, x, _sel=sel_by_layer, _scaled=scaled):
+                sel = _sel.get(layer)
+                if sel is None:
+                    return None
+                x = x.clone()
+                x[sel, run.blank] = _scaled[sel].to(x.dtype)
+                return x
+
+            lowest = present[0]
+            cached = {j: outputs[j] for j in range(lowest)} if replay else {}
+            with torch.enable_grad(), ffn_hooks(arch, patch, present), replay_layers(arch, cached, R):
+                logits = run.forward(R)
+                lp = run.logprob(logits)
+                s = lp.exp() if score == "prob" else lp
+                (g,) = torch.autograd.grad(s.sum(), scaled)
+            g = g.detach().to(grad_sum.dtype)
+            pos = rk > 0
+            if pos.any():
+                grad_sum.index_add_(0, rl[pos].to(grad_sum.device), g[pos.to(g.device)])
+            zero = (rk == 0).nonzero()[:, 0]
+            for r in zero.tolist():
+                layer_zero[int(rl[r])] = float(s[r].detach())
+            del logits, lp, s, g, scaled
+            if progress is not None:
+                progress(R)
+    if was_training:
+        model.train()
+    scores = (W.to(grad_sum.dtype) * grad_sum / steps)
+    mask = torch.zeros(L, dtype=torch.bool)
+    mask[layers] = True
+    scores[~mask.to(scores.device)] = 0
+    out_dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
+    params = {"steps": steps, "score": score, "batch_size": batch_size, "layers": layers, "baseline": "zero",
+              "position": "blank", "use_cache": run.kv, "replay": replay}
+    return Attribution(scores.to(out_dtype).cpu(), W.to(out_dtype).cpu(), prompt, enc.target, enc.target_ids, base,
+                       layer_zero, params, model_info(handle))
+
+
+def _check_producible(handle, enc: Encoded) -> None:
+    vocab = handle.arch.unembedding().shape[0]
+    bad = [t for t in enc.target_ids if t >= vocab]
+    if bad:
+        raise KneuronsError(f"target {enc.target!r} has token ids outside the model's output vocabulary ({vocab})")
+    unk = getattr(handle.tokenizer, "unk_token_id", None)
+    unk_tok = getattr(handle.tokenizer, "unk_token", None)
+    if unk is not None and unk in enc.target_ids and (unk_tok or "") not in enc.target:
+        raise KneuronsError(f"target {enc.target!r} cannot be produced by the model: the tokenizer maps it to the unknown token")
+
+
+def attribute(handle, prompts, target, steps: int = 20, score: str = "prob", batch_size: int = DEFAULT_BATCH_SIZE,
+              layers=None, progress: Callable[[int], None] | None = None, **kw) -> list[Attribution]:
+    """:func:`integrated_gradients` for several prompts (``target`` may be one string or one per prompt)."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    targets = [target] * len(prompts) if isinstance(target, str) else list(target)
+    if len(targets) != len(prompts):
+        raise KneuronsError(f"{len(prompts)} prompts but {len(targets)} targets")
+    return [integrated_gradients(handle, p, t, steps=steps, score=score, batch_size=batch_size, layers=layers,
+                                 progress=progress, **kw) for p, t in zip(prompts, targets)]
+
+
+def rows_per_prompt(handle, steps: int, layers=None) -> int:
+    n = handle.n_layers if layers is None else len(set(layers))
+    return n * (steps + 1)

@@ -1,0 +1,32 @@
+"""A deliberately naive integrated-gradients reference: per layer, per step, full recompute, no tricks."""
+
+import torch
+from kneurons.prompts import encode
+from kneurons.hooks import ffn_hooks
+
+def naive_ig(handle, prompt, target, steps=20, score="prob"):
+    """Dai et al. eq. 3 written out literally: one full forward+backward per (layer, step)."""
+    enc = encode(handle, prompt, target)
+    model, arch = handle.model, handle.arch
+    ids = torch.tensor([enc.input_ids])
+    pos = torch.tensor(enc.score_positions); tgt = torch.tensor(enc.target_ids)
+    acts = {}
+    def grab(l, x): acts[l] = x[0, enc.blank].detach().clone()
+    with torch.no_grad(), ffn_hooks(arch, grab):
+        model(input_ids=ids)
+    out = []
+    for l in range(arch.n_layers):
+        w = acts[l]
+        total = torch.zeros_like(w)
+        for k in range(1, steps + 1):
+            v = (k / steps * w).clone().requires_grad_(True)
+            def patch(layer, x):
+                x = x.clone(); x[0, enc.blank] = v; return x
+            with ffn_hooks(arch, patch, [l]):
+                logits = model(input_ids=ids).logits
+            lp = torch.log_softmax(logits[0, pos], -1)[torch.arange(len(tgt)), tgt].sum()
+            s = lp.exp() if score == "prob" else lp
+            g, = torch.autograd.grad(s, v)
+            total += g
+        out.append(w * total / steps)
+    return torch.stack(out)

@@ -1,0 +1,209 @@
+"""Integrated gradients: the fast engine equals the naive definition, for any batch size, on every architecture."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from helpers import handle_for, word_tokenizer
+from kneurons import ModelHandle
+from kneurons.architectures import ARCHITECTURES, register_architecture
+from kneurons.attribution import Attribution, attribute, integrated_gradients
+from kneurons.errors import KneuronsError
+from reference import naive_ig
+from tiny import ALL_TYPES
+
+PROMPT = "the capital of france is ___ ."
+MLM_PROMPT = "the capital of [MASK] is paris ."
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _prompt(h):
+    return MLM_PROMPT if h.is_masked else PROMPT
+
+
+def _rel_err(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("model_type", ["bert", "gpt2", "llama"])
+@pytest.mark.parametrize("score", ["prob", "logprob"])
+@pytest.mark.parametrize("target", ["paris", "paris berlin"])
+def test_fast_equals_naive_reference(model_type, score, target):
+    h = handle_for(model_type, dtype=torch.float64)
+    target = target if not h.is_masked else target.replace("paris", "france")
+    ref = naive_ig(h, _prompt(h), target, steps=20, score=score)
+    fast = integrated_gradients(h, _prompt(h), target, steps=20, score=score, batch_size=16)
+    assert fast.scores.dtype == torch.float64
+    assert ref.abs().max() > 0
+    assert _rel_err(fast.scores, ref) <= 1e-4
+    if h.is_causal:
+        assert fast.params["use_cache"] is True  # the KV-cache path was the one checked
+
+
+@pytest.mark.parametrize("model_type", ALL_TYPES)
+def test_every_architecture_matches_reference(model_type):
+    h = handle_for(model_type, dtype=torch.float64)
+    target = "france" if h.is_masked else "paris"
+    ref = naive_ig(h, _prompt(h), target, steps=4)
+    fast = integrated_gradients(h, _prompt(h), target, steps=4, batch_size=5)
+    assert _rel_err(fast.scores, ref) <= 1e-4
+
+
+@pytest.mark.parametrize("model_type", ["bert", "gpt2", "llama", "gemma3_text"])
+def test_batch_size_invariance(model_type):
+    h = handle_for(model_type, dtype=torch.float64)
+    target = "france" if h.is_masked else "paris"
+    runs = [integrated_gradients(h, _prompt(h), target, steps=7, batch_size=bs) for bs in (1, 3, 8, 1000)]
+    for other in runs[1:]:
+        assert torch.allclose(other.scores, runs[0].scores, rtol=1e-9, atol=1e-14)
+        assert torch.allclose(other.baseline_scores, runs[0].baseline_scores, rtol=1e-9)
+
+
+def test_shortcuts_do_not_change_results():
+    h = handle_for("llama", dtype=torch.float64)
+    a = integrated_gradients(h, PROMPT, "paris", steps=5)
+    b = integrated_gradients(h, PROMPT, "paris", steps=5, use_cache=False, replay=False)
+    assert a.params["use_cache"] and not b.params["use_cache"]
+    assert _rel_err(a.scores, b.scores) <= 1e-10
+
+
+def test_completeness_converges_with_steps():
+    h = handle_for("gpt2", dtype=torch.float64)
+    coarse = integrated_gradients(h, PROMPT, "paris", steps=2).completeness()
+    fine = integrated_gradients(h, PROMPT, "paris", steps=200).completeness()
+    assert (fine.ratio - 1).abs().max() < 0.01
+    assert (fine.ratio - 1).abs().max() < (coarse.ratio - 1).abs().max()
+
+
+# ---------------------------------------------------------------- a toy model with known attributions
+
+class _ToyConfig(PretrainedConfig):
+    model_type = "toy_sigmoid_ig"
+
+
+class _Block(nn.Module):
+    def __init__(self, d_ff):
+        super().__init__()
+        self.ffn_out = nn.Linear(d_ff, 1, bias=False)
+
+
+class _ToyLM(nn.Module):
+    """logits[v] = 0 for v != target, z = c . x for the target, where x = emb(token) is the FFN activation.
+
+    So P(target) = sigmoid(z - ln(V - 1)) and IG_i = w_i c_i / m sum_k P_k (1 - P_k), P_k at z = (k/m) c . w.
+    """
+
+    def __init__(self, vocab, d_ff, target_id):
+        super().__init__()
+        self.config = _ToyConfig()
+        self.emb = nn.Embedding(vocab, d_ff)
+        self.layers = nn.ModuleList([_Block(d_ff)])
+        self.unembed = nn.Parameter(torch.zeros(vocab, 1))
+        self.target_id = target_id
+
+    def get_output_embeddings(self):
+        return None
+
+    def forward(self, input_ids, **kw):
+        x = self.emb(input_ids)
+        z = self.layers[0].ffn_out(x)[..., 0]
+        logits = torch.zeros(*input_ids.shape, self.emb.num_embeddings, dtype=z.dtype)
+        logits = torch.cat([logits[..., : self.target_id], z[..., None], logits[..., self.target_id + 1:]], -1)
+
+        class Out:
+            pass
+
+        out = Out()
+        out.logits = logits
+        return out
+
+
+@pytest.fixture
+def toy(monkeypatch):
+    monkeypatch.setattr("kneurons.architectures.ARCHITECTURES", dict(ARCHITECTURES))
+    register_architecture("toy_sigmoid_ig", kind="causal", layers="layers", ffn_out="ffn_out", unembedding="unembed")
+    tok = word_tokenizer("causal")
+    target_id = tok("paris", add_special_tokens=False)["input_ids"][0]
+    torch.manual_seed(3)
+    model = _ToyLM(len(tok), 6, target_id).double()
+    return ModelHandle.from_model(model, tok, name="toy")
+
+
+@pytest.mark.parametrize("steps", [1, 20])
+def test_toy_model_known_attribution(toy, steps):
+    enc_ids = toy.tokenizer("the capital of france is", add_special_tokens=False)["input_ids"]
+    w = toy.model.emb.weight[enc_ids[-1]].detach()
+    c = toy.model.layers[0].ffn_out.weight[0].detach()
+    V = toy.model.emb.num_embeddings
+    Z = float(c @ w)
+    pk = [1 / (1 + math.exp(-(k / steps * Z - math.log(V - 1)))) for k in range(1, steps + 1)]
+    expected = w * c / steps * sum(p * (1 - p) for p in pk)
+    got = integrated_gradients(toy, PROMPT, "paris", steps=steps)
+    assert torch.allclose(got.scores[0], expected, rtol=1e-10, atol=1e-14)
+    p1 = 1 / (1 + math.exp(-(Z - math.log(V - 1))))
+    assert got.base_score == pytest.approx(p1, rel=1e-12)
+    assert float(got.baseline_scores[0]) == pytest.approx(1 / V, rel=1e-12)
+
+
+# ---------------------------------------------------------------- result object and bad input
+
+def test_attribution_save_load_dataframe(tmp_path):
+    h = handle_for("gpt2")
+    a = integrated_gradients(h, PROMPT, "paris", steps=3)
+    path = a.save(tmp_path / "a.safetensors")
+    with pytest.raises(KneuronsError, match="exists"):
+        a.save(path)
+    a.save(path, overwrite=True)
+    b = Attribution.load(path)
+    assert torch.equal(a.scores, b.scores) and b.prompt == PROMPT and b.params == a.params
+    assert b.model["model_type"] == "gpt2" and b.version
+    df = a.to_dataframe()
+    assert len(df) == h.n_layers * h.d_ff and set(df.columns) >= {"layer", "neuron", "score", "activation"}
+    top = a.top(3)
+    assert top[0][2] == float(a.scores.max()) and top[0][2] >= top[1][2] >= top[2][2]
+    assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_corrupt_or_missing_attribution_file(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00\x01garbage")
+    with pytest.raises(KneuronsError, match="not a readable"):
+        Attribution.load(bad)
+    with pytest.raises(KneuronsError, match="does not exist"):
+        Attribution.load(tmp_path / "nope.safetensors")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"steps": 0}, "steps"), ({"steps": 2.5}, "steps"), ({"score": "logit"}, "score"),
+    ({"batch_size": 0}, "batch_size"), ({"layers": [99]}, "layers"),
+])
+def test_bad_parameters(kwargs, match):
+    h = handle_for("gpt2")
+    with pytest.raises(KneuronsError, match=match):
+        integrated_gradients(h, PROMPT, "paris", **kwargs)
+
+
+def test_target_the_model_cannot_produce():
+    h = handle_for("gpt2")
+    with pytest.raises(KneuronsError, match="cannot be produced"):
+        integrated_gradients(h, PROMPT, "zanzibar", steps=2)
+
+
+def test_attribute_many_prompts():
+    h = handle_for("llama")
+    res = attribute(h, [PROMPT, "paris is the capital of ___"], ["paris", "france"], steps=2)
+    assert [r.target for r in res] == ["paris", "france"]
+    with pytest.raises(KneuronsError, match="targets"):
+        attribute(h, [PROMPT], ["a", "b"])
