@@ -1,0 +1,368 @@
+"""Interventions (suppress / amplify activations) and weight edits (update a fact, erase a relation).
+
+Activation interventions go through the one hook mechanism (:func:`kneurons.hooks.ffn_hooks`): the chosen
+neurons' activations are multiplied by ``factor`` (0 = suppress, 2 = amplify) at the blank position (default)
+or at every position. "The blank" is the position a kneurons scoring function attributes (see
+:mod:`kneurons.prompts`); scoring functions publish it per batch row while an intervention is active.
+
+Weight edits change *value slots* — the FFN output projection's weight columns (rows for GPT-2's Conv1D) that
+match the neurons — and return an :class:`Edit`. ``Edit.revert()`` writes back the saved original slots, so
+every parameter is bit-identical to before; an ``Edit`` is also a context manager that reverts on exit.
+
+**Update** ⟨h, r, t⟩ → ⟨h, r, t′⟩ (the authors' rule): for each value slot ``v``::
+
+    v ← v − λ1 · (‖v‖ / ‖e_t‖) · e_t + λ2 · (‖v‖ / ‖e_t′‖) · e_t′        (λ1 = 1, λ2 = 8)
+
+``e`` is the target's vector in the *output* (unembedding) space — the matrix that turns the residual stream into
+logits, which is what a value slot writes into. For tied models it is also the input embedding; for untied
+models (e.g. Llama-style ``lm_head``) it is the ``lm_head`` row. A multi-token target uses the mean of its
+tokens' unembedding rows (tokenized in the context of the fact's prompt).
+
+**Erase** a relation: the neurons shared by at least ``min_facts`` of its facts' knowledge-neuron sets (or the
+``top_k`` most frequent) get their value slots set to zero or to the unknown token's unembedding vector
+(models whose tokenizer has no unknown token: zero, with a warning).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import hashlib
+import math
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+
+from .errors import KneuronsError
+from .hooks import ffn_hooks
+from .prompts import assess, encode
+
+Neuron = tuple[int, int]
+
+# Blank position of each row of the batch being scored, published by kneurons' scoring functions.
+_BLANKS: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("kneurons_blanks", default=None)
+
+
+@contextlib.contextmanager
+def blank_positions(positions: torch.Tensor):
+    """Publish the blank position of each batch row for interventions with ``position='blank'``."""
+    token = _BLANKS.set(positions)
+    try:
+        yield
+    finally:
+        _BLANKS.reset(token)
+
+
+def _neurons(handle, neurons) -> list[Neuron]:
+    if hasattr(neurons, "neurons"):
+        neurons = neurons.neurons
+    out = sorted(set((int(l), int(i)) for l, i in neurons))
+    if not out:
+        raise KneuronsError("empty neuron set")
+    for l, i in out:
+        if not (0 <= l < handle.n_layers) or not (0 <= i < handle.d_ff):
+            raise KneuronsError(f"neuron ({l}, {i}) out of range: layers 0..{handle.n_layers - 1}, "
+                                f"neurons 0..{handle.d_ff - 1}")
+    return out
+
+
+class Intervention:
+    """Multiply the activations of ``neurons`` by ``factor`` while active (a context manager)."""
+
+    def __init__(self, handle, neurons, factor: float, position: str = "blank"):
+        if not isinstance(factor, (int, float)) or not math.isfinite(float(factor)):
+            raise KneuronsError(f"factor must be a finite number, got {factor!r}")
+        if position not in ("blank", "all"):
+            raise KneuronsError(f"position must be 'blank' or 'all', got {position!r}")
+        self.handle = handle
+        self.neurons = _neurons(handle, neurons)
+        self.factor = float(factor)
+        self.position = position
+        by_layer: dict[int, list[int]] = {}
+        for l, i in self.neurons:
+            by_layer.setdefault(l, []).append(i)
+        self._by_layer = {l: torch.tensor(ix) for l, ix in by_layer.items()}
+        self._ctx = None
+
+    def _hook(self, layer: int, x: torch.Tensor):
+        idx = self._by_layer[layer].to(x.device)
+        x = x.clone()
+        if self.position == "all":
+            x[..., idx] = x[..., idx] * self.factor
+            return x
+        blanks = _BLANKS.get()
+        if blanks is None:
+            raise KneuronsError("position='blank' needs a kneurons scoring function (assess, measure_intervention); "
+                                "use position='all' for your own forward passes")
+        rows = torch.arange(x.shape[0], device=x.device)
+        b = blanks.to(x.device)
+        if b.shape[0] != x.shape[0]:
+            raise KneuronsError("blank positions do not match the batch")
+        sub = x[rows, b]  # [batch, d_ff]
+        sub[:, idx] = sub[:, idx] * self.factor
+        x[rows, b] = sub
+        return x
+
+    def __enter__(self):
+        self._ctx = ffn_hooks(self.handle.arch, self._hook, self._by_layer.keys())
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        ctx, self._ctx = self._ctx, None
+        return ctx.__exit__(*exc)
+
+
+def suppress(handle, neurons, position: str = "blank") -> Intervention:
+    """Set the neurons' activations to 0 (a context manager)."""
+    return Intervention(handle, neurons, 0.0, position)
+
+
+def amplify(handle, neurons, factor: float = 2.0, position: str = "blank") -> Intervention:
+    """Multiply the neurons' activations by ``factor`` (default 2, a context manager)."""
+    return Intervention(handle, neurons, factor, position)
+
+
+# --------------------------------------------------------------------------------------------- measuring
+
+def score(handle, prompts: Sequence[str], targets, intervention: Intervention | None = None,
+          batch_size: int = 32):
+    """:func:`kneurons.assess` with ``intervention`` active (blank positions published per row)."""
+    if isinstance(targets, str):
+        targets = [targets] * len(prompts)
+    if intervention is None:
+        return assess(handle, list(prompts), list(targets), batch_size=batch_size)
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        ps, ts = list(prompts[start: start + batch_size]), list(targets[start: start + batch_size])
+        blanks = torch.tensor([encode(handle, p, t).blank for p, t in zip(ps, ts)])
+        with blank_positions(blanks), intervention:
+            out += assess(handle, ps, ts, batch_size=len(ps))
+    return out
+
+
+@dataclass
+class InterventionResult:
+    """Probabilities before/after an intervention on a fact's prompts and on control prompts."""
+
+    factor: float
+    neurons: list[Neuron]
+    rows: list[dict] = field(default_factory=list)  # one per prompt: group, prompt, target, before, after, rel
+
+    def to_dataframe(self):
+        import pandas as pd
+
+        return pd.DataFrame(self.rows)
+
+    def mean_change(self, group: str) -> float:
+        """Mean relative change Δp/p over the prompts of ``group`` ('fact', 'same_relation', 'other_relation')."""
+        vals = [r["rel_change"] for r in self.rows if r["group"] == group]
+        return float(sum(vals) / len(vals)) if vals else float("nan")
+
+    @property
+    def specificity(self) -> float:
+        """|mean Δp/p on the fact| / |mean Δp/p on all control prompts| (large = specific to the fact)."""
+        ctrl = [r["rel_change"] for r in self.rows if r["group"] != "fact"]
+        if not ctrl:
+            return float("nan")
+        c = abs(sum(ctrl) / len(ctrl))
+        return abs(self.mean_change("fact")) / max(c, 1e-12)
+
+    def summary(self) -> dict:
+        return {"factor": self.factor, "neurons": len(self.neurons), "fact": self.mean_change("fact"),
+                "same_relation": self.mean_change("same_relation"),
+                "other_relation": self.mean_change("other_relation"), "specificity": self.specificity}
+
+
+def measure_intervention(handle, neurons, prompts: Sequence[str], target: str, factor: float = 0.0,
+                         controls: Sequence[tuple[str, str, str]] = (), position: str = "blank",
+                         batch_size: int = 32) -> InterventionResult:
+    """Δp/p on the fact's ``prompts`` and on ``controls`` — ``(group, prompt, target)`` triples whose group is
+    ``"same_relation"`` or ``"other_relation"`` — when ``neurons`` are multiplied by ``factor``."""
+    iv = Intervention(handle, neurons, factor, position)
+    items = [("fact", p, target) for p in prompts] + [tuple(c) for c in controls]
+    ps = [p for _, p, _ in items]
+    ts = [t for _, _, t in items]
+    before = score(handle, ps, ts, batch_size=batch_size)
+    after = score(handle, ps, ts, intervention=iv, batch_size=batch_size)
+    res = InterventionResult(iv.factor, iv.neurons)
+    for (group, p, t), b, a in zip(items, before, after):
+        res.rows.append({"group": group, "prompt": p, "target": t, "before": b.prob, "after": a.prob,
+                         "rel_change": (a.prob - b.prob) / b.prob if b.prob > 0 else float("nan"),
+                         "rank_before": b.rank, "rank_after": a.rank})
+    return res
+
+
+# ------------------------------------------------------------------------------------------ weight edits
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 over every parameter and buffer (names, dtypes and bytes): equal iff bit-identical."""
+    h = hashlib.sha256()
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+class Edit:
+    """A reversible weight edit. ``revert()`` restores every touched value slot bit-exactly."""
+
+    def __init__(self, handle, kind: str, neurons: list[Neuron], info: dict | None = None):
+        self.handle = handle
+        self.kind = kind
+        self.neurons = neurons
+        self.info = info or {}
+        self._saved: list[tuple[int, int, torch.Tensor]] = []
+        self.reverted = False
+
+    def _save(self, layer: int, index: int) -> torch.Tensor:
+        slot = self.handle.arch.value_slots(layer)[index]
+        self._saved.append((layer, index, slot.detach().clone()))
+        return slot
+
+    def revert(self) -> None:
+        if self.reverted:
+            raise KneuronsError("this edit was already reverted")
+        with torch.no_grad():
+            for layer, index, old in reversed(self._saved):
+                self.handle.arch.value_slots(layer)[index].copy_(old)
+        self.reverted = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if not self.reverted:
+            self.revert()
+        return False
+
+    def __repr__(self):
+        state = "reverted" if self.reverted else "applied"
+        return f"Edit({self.kind}, {len(self.neurons)} value slots, {state})"
+
+
+def _check_editable(handle) -> None:
+    for layer in range(handle.n_layers):
+        w = handle.arch.ffn_out[layer].weight
+        if not w.dtype.is_floating_point or w.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            raise KneuronsError(f"cannot edit a model whose FFN weights are {w.dtype} (quantized/integer); load it "
+                                "in float32/bfloat16")
+        if type(w) is not torch.nn.Parameter and not isinstance(w, torch.Tensor):  # pragma: no cover
+            raise KneuronsError("cannot edit quantized weights")
+    if getattr(handle.model, "is_quantized", False) or getattr(handle.model, "hf_quantizer", None) is not None:
+        raise KneuronsError("cannot edit a quantized model; load it in float32/bfloat16")
+
+
+def target_vector(handle, target: str, prompt: str | None = None) -> torch.Tensor:
+    """The target's vector in the output (unembedding) space: mean of its tokens' rows."""
+    U = handle.arch.unembedding()
+    if U.shape[1] != handle.arch.d_model:
+        raise KneuronsError(f"model type {handle.model_type!r}: its output embeddings ({U.shape[1]} wide) are not in "
+                            f"the model width ({handle.arch.d_model}); value-slot edits are not defined")
+    if prompt is None:
+        prompt = "[Y]" if handle.is_masked else "X [Y]"
+    ids = encode(handle, prompt, target).target_ids
+    return U[torch.tensor(ids, device=U.device)].detach().double().mean(0)
+
+
+def update_fact(handle, neurons, old_target: str, new_target: str, prompt: str | None = None,
+                lambda1: float = 1.0, lambda2: float = 8.0) -> Edit:
+    """Rewrite ⟨h, r, old⟩ → ⟨h, r, new⟩ in the value slots of ``neurons`` (see module docstring)."""
+    nrns = _neurons(handle, neurons)
+    if old_target.strip() == new_target.strip():
+        raise KneuronsError(f"the new target equals the old one ({old_target!r})")
+    for lam, name in ((lambda1, "lambda1"), (lambda2, "lambda2")):
+        if not isinstance(lam, (int, float)) or not math.isfinite(lam):
+            raise KneuronsError(f"{name} must be a finite number")
+    _check_editable(handle)
+    if prompt is None and hasattr(neurons, "prompts") and neurons.prompts:
+        prompt = neurons.prompts[0]
+    e_old = target_vector(handle, old_target, prompt)
+    e_new = target_vector(handle, new_target, prompt)
+    edit = Edit(handle, "update", nrns, {"old": old_target, "new": new_target, "lambda1": lambda1,
+                                          "lambda2": lambda2})
+    with torch.no_grad():
+        for l, i in nrns:
+            slot = edit._save(l, i)
+            v = slot.double()
+            norm = v.norm()
+            new = v - lambda1 * norm / e_old.norm() * e_old.to(v.device) + lambda2 * norm / e_new.norm() * e_new.to(v.device)
+            slot.copy_(new.to(slot.dtype))
+    return edit
+
+
+def shared_neurons(neuron_sets: Iterable, min_facts: int | None = 5, top_k: int | None = None) -> list[Neuron]:
+    """Neurons appearing in at least ``min_facts`` of the sets, or the ``top_k`` most frequent."""
+    counts = Counter(tuple(n) for s in neuron_sets for n in set(map(tuple, getattr(s, "neurons", s))))
+    if top_k is not None:
+        return sorted(n for n, _ in counts.most_common(int(top_k)))
+    return sorted(n for n, c in counts.items() if c >= int(min_facts))
+
+
+def erase_relation(handle, neuron_sets: Iterable, min_facts: int | None = 5, top_k: int | None = None,
+                   mode: str = "zero") -> Edit:
+    """Erase a relation: value slots of the neurons shared by its facts become zero or the [UNK] vector."""
+    if mode not in ("zero", "unk"):
+        raise KneuronsError(f"mode must be 'zero' or 'unk', got {mode!r}")
+    chosen = shared_neurons(neuron_sets, min_facts, top_k)
+    if not chosen:
+        raise KneuronsError(f"no neuron is shared by {min_facts} or more facts of the relation (lower min_facts "
+                            "or use top_k)")
+    nrns = _neurons(handle, chosen)
+    _check_editable(handle)
+    fill = None
+    if mode == "unk":
+        unk = getattr(handle.tokenizer, "unk_token_id", None)
+        if unk is None:
+            warnings.warn("the tokenizer has no unknown token: erasing with zero vectors instead", stacklevel=2)
+            mode = "zero"
+        else:
+            U = handle.arch.unembedding()
+            if U.shape[1] != handle.arch.d_model:
+                raise KneuronsError("output embeddings are not in the model width; use mode='zero'")
+            fill = U[unk].detach()
+    edit = Edit(handle, "erase", nrns, {"mode": mode, "min_facts": min_facts, "top_k": top_k})
+    with torch.no_grad():
+        for l, i in nrns:
+            slot = edit._save(l, i)
+            slot.copy_(torch.zeros_like(slot) if fill is None else fill.to(slot.dtype))
+    return edit
+
+
+# -------------------------------------------------------------------------------------------- metrics
+
+def perplexity(handle, prompts: Sequence[str], targets, batch_size: int = 32) -> float:
+    """exp of the mean −log p(gold) over prompts (the paper's intra/inter-relation perplexity)."""
+    if not prompts:
+        return float("nan")
+    res = assess(handle, list(prompts), targets if isinstance(targets, str) else list(targets), batch_size=batch_size)
+    return math.exp(-sum(a.logprob for a in res) / len(res))
+
+
+def accuracy(handle, prompts: Sequence[str], targets, batch_size: int = 32) -> float:
+    if not prompts:
+        return float("nan")
+    res = assess(handle, list(prompts), targets if isinstance(targets, str) else list(targets), batch_size=batch_size)
+    return sum(a.correct for a in res) / len(res)
+
+
+def success(handle, prompts: Sequence[str], new_target: str, k: int = 1) -> float:
+    """Fraction of prompts where ``new_target``'s first token ranks within the top ``k``."""
+    res = assess(handle, list(prompts), new_target)
+    return sum(a.rank <= k for a in res) / len(res)
+
+
+def save_edited(handle, directory) -> Path:
+    """Save the (edited) model and tokenizer with ``save_pretrained``; reload with :func:`kneurons.load_model`."""
+    d = Path(directory)
+    if d.exists() and any(d.iterdir()):
+        raise KneuronsError(f"directory {d} is not empty")
+    d.mkdir(parents=True, exist_ok=True)
+    handle.model.save_pretrained(d)
+    handle.tokenizer.save_pretrained(d)
+    return d

@@ -1,0 +1,177 @@
+"""Suppress/amplify through the hook mechanism; weight edits that revert bit-exactly; bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from helpers import handle_for
+from kneurons.errors import KneuronsError
+from kneurons.hooks import ffn_hooks
+from kneurons.interventions import (Intervention, amplify, erase_relation, measure_intervention, perplexity, score,
+                                    shared_neurons, suppress, update_fact, weights_digest, save_edited)
+
+PROMPT = "the capital of france is ___ ."
+
+
+def _manual(h, prompt, target, neurons, factor, position):
+    """Reference: patch the activations by hand through ffn_hooks on a full forward."""
+    from kneurons.prompts import encode
+
+    e = encode(h, prompt, target)
+    by = {}
+    for l, i in neurons:
+        by.setdefault(l, []).append(i)
+
+    def fn(layer, x):
+        if layer not in by:
+            return None
+        x = x.clone()
+        sl = (slice(None), slice(None)) if position == "all" else (slice(None), e.blank)
+        x[sl + (by[layer],)] = x[sl + (by[layer],)] * factor
+        return x
+
+    with torch.no_grad(), ffn_hooks(h.arch, fn):
+        logits = h.model(input_ids=torch.tensor([e.input_ids])).logits
+    lp = torch.log_softmax(logits[0, e.score_positions], -1)[range(len(e.target_ids)), e.target_ids].sum()
+    return float(lp.exp())
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "bert", "llama"])
+@pytest.mark.parametrize("factor, position", [(0.0, "blank"), (2.0, "blank"), (0.0, "all"), (-1.5, "all")])
+def test_intervention_matches_manual_patch(model_type, factor, position):
+    h = handle_for(model_type, dtype=torch.float64)
+    prompt = "the capital of [MASK] is paris ." if h.is_masked else PROMPT
+    target = "france" if h.is_masked else "paris berlin"
+    neurons = [(0, 3), (0, 7), (1, 11)]
+    got = score(h, [prompt], target, Intervention(h, neurons, factor, position))[0].prob
+    assert got == pytest.approx(_manual(h, prompt, target, neurons, factor, position), rel=1e-10)
+    assert got != pytest.approx(score(h, [prompt], target)[0].prob, rel=1e-6)  # it does change something
+
+
+def test_blank_position_in_a_batch_of_different_lengths():
+    h = handle_for("llama", dtype=torch.float64)
+    prompts = [PROMPT, "a b c d e f g h was born in ___", "paris is the capital of ___"]
+    targets = ["paris", "rome", "france"]
+    iv = suppress(h, [(1, 5), (0, 2)])
+    together = score(h, prompts, targets, iv)
+    for p, t, a in zip(prompts, targets, together):
+        assert a.prob == pytest.approx(_manual(h, p, t, [(1, 5), (0, 2)], 0.0, "blank"), rel=1e-10)
+
+
+def test_blank_needs_kneurons_scoring():
+    h = handle_for("gpt2")
+    with pytest.raises(KneuronsError, match="position='blank'"):
+        with suppress(h, [(0, 1)]):
+            h.model(input_ids=torch.tensor([[5, 6, 7]]))
+    with amplify(h, [(0, 1)], position="all"):
+        h.model(input_ids=torch.tensor([[5, 6, 7]]))  # fine
+    assert all(not m._forward_pre_hooks for m in h.arch.ffn_out)  # hooks removed
+
+
+@pytest.mark.parametrize("neurons, factor, match", [
+    ([], 0.0, "empty neuron set"), ([(5, 0)], 0.0, "out of range"), ([(0, 10 ** 6)], 0.0, "out of range"),
+    ([(0, 1)], float("nan"), "finite"), ([(0, 1)], float("inf"), "finite"),
+])
+def test_intervention_bad_input(neurons, factor, match):
+    h = handle_for("gpt2")
+    with pytest.raises(KneuronsError, match=match):
+        Intervention(h, neurons, factor)
+
+
+def test_measure_intervention_groups():
+    h = handle_for("llama", dtype=torch.float64)
+    controls = [("same_relation", "the capital of italy is ___", "rome"),
+                ("other_relation", "a b c was born in ___", "paris")]
+    res = measure_intervention(h, [(0, 1), (1, 2)], [PROMPT, "france has its capital in ___"], "paris", 0.0, controls)
+    df = res.to_dataframe()
+    assert list(df.group) == ["fact", "fact", "same_relation", "other_relation"]
+    r = df.iloc[0]
+    assert r.rel_change == pytest.approx((r.after - r.before) / r.before)
+    s = res.summary()
+    assert s["fact"] == pytest.approx(df[df.group == "fact"].rel_change.mean())
+    assert s["specificity"] == pytest.approx(abs(s["fact"]) / abs(df[df.group != "fact"].rel_change.mean()))
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "llama", "bert"])
+def test_update_changes_slots_by_the_rule_and_reverts_bit_exactly(model_type):
+    h = handle_for(model_type)
+    before = weights_digest(h.model)
+    neurons = [(0, 4), (1, 9)]
+    slots_before = {n: h.arch.value_slots(n[0])[n[1]].detach().clone() for n in neurons}
+    U = h.arch.unembedding().detach()
+    t_old = h.tokenizer("paris", add_special_tokens=False)["input_ids"][0]
+    t_new = h.tokenizer("berlin", add_special_tokens=False)["input_ids"][0]
+    prompt = "the capital of [MASK] is nice ." if h.is_masked else PROMPT
+    edit = update_fact(h, neurons, "paris", "berlin", prompt=prompt)
+    for (l, i), v in slots_before.items():
+        v = v.double()
+        e1, e2 = U[t_old].double(), U[t_new].double()
+        expected = v - v.norm() / e1.norm() * e1 + 8 * v.norm() / e2.norm() * e2
+        assert torch.allclose(h.arch.value_slots(l)[i].double(), expected, rtol=1e-6, atol=1e-6)
+    # only those slots changed
+    assert weights_digest(h.model) != before
+    edit.revert()
+    assert weights_digest(h.model) == before
+    with pytest.raises(KneuronsError, match="already reverted"):
+        edit.revert()
+
+
+def test_edit_context_manager_and_erase(tmp_path):
+    h = handle_for("llama")
+    before = weights_digest(h.model)
+    sets = [[(0, 1), (1, 2)], [(0, 1), (1, 3)], [(0, 1), (1, 2)]]
+    assert shared_neurons(sets, min_facts=2) == [(0, 1), (1, 2)]
+    assert shared_neurons(sets, top_k=1) == [(0, 1)]
+    with erase_relation(h, sets, min_facts=2, mode="zero") as edit:
+        assert torch.count_nonzero(h.arch.value_slots(0)[1]) == 0 and edit.kind == "erase"
+        assert weights_digest(h.model) != before
+    assert weights_digest(h.model) == before
+    with erase_relation(h, sets, min_facts=3, mode="unk"):
+        U = h.arch.unembedding()
+        assert torch.equal(h.arch.value_slots(0)[1], U[h.tokenizer.unk_token_id])
+    assert weights_digest(h.model) == before
+    with pytest.raises(KneuronsError, match="no neuron is shared"):
+        erase_relation(h, sets, min_facts=4)
+
+
+def test_edited_model_saves_and_reloads(tmp_path):
+    from kneurons import load_model
+
+    h = handle_for("gpt2")
+    edit = update_fact(h, [(0, 4)], "paris", "berlin", prompt=PROMPT)
+    edited = weights_digest(h.model)
+    d = save_edited(h, tmp_path / "edited")
+    back = load_model(str(d))
+    assert torch.equal(back.arch.value_slots(0)[4], h.arch.value_slots(0)[4])
+    edit.revert()
+    assert not torch.equal(back.arch.value_slots(0)[4], h.arch.value_slots(0)[4])
+    with pytest.raises(KneuronsError, match="not empty"):
+        save_edited(h, d)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"neurons": [], "new": "berlin"}, "empty neuron set"), ({"neurons": [(0, 1)], "new": "paris"}, "equals the old"),
+    ({"neurons": [(0, 99)], "new": "berlin"}, "out of range"),
+])
+def test_update_bad_input(kwargs, match):
+    h = handle_for("gpt2")
+    with pytest.raises(KneuronsError, match=match):
+        update_fact(h, kwargs["neurons"], "paris", kwargs["new"], prompt=PROMPT)
+
+
+def test_cannot_edit_integer_weights():
+    h = handle_for("gpt2")
+    for m in h.arch.ffn_out:  # what an int8-quantized checkpoint looks like to us
+        m.weight = torch.nn.Parameter(m.weight.data.to(torch.int8), requires_grad=False)
+    with pytest.raises(KneuronsError, match="quantized/integer"):
+        update_fact(h, [(0, 1)], "paris", "berlin", prompt=PROMPT)
+
+
+def test_perplexity_is_exp_mean_nll():
+    h = handle_for("llama", dtype=torch.float64)
+    prompts, targets = [PROMPT, "paris is the capital of ___"], ["paris", "france"]
+    lps = [a.logprob for a in score(h, prompts, targets)]
+    assert perplexity(h, prompts, targets) == pytest.approx(math.exp(-sum(lps) / 2))
