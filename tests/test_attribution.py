@@ -71,12 +71,17 @@ def test_batch_size_invariance(model_type):
         assert torch.allclose(other.baseline_scores, runs[0].baseline_scores, rtol=1e-9)
 
 
-def test_shortcuts_do_not_change_results():
-    h = handle_for("llama", dtype=torch.float64)
-    a = integrated_gradients(h, PROMPT, "paris", steps=5)
-    b = integrated_gradients(h, PROMPT, "paris", steps=5, use_cache=False, replay=False)
-    assert a.params["use_cache"] and not b.params["use_cache"]
+@pytest.mark.parametrize("model_type", ["llama", "bert", "gpt2"])
+def test_shortcuts_do_not_change_results(model_type):
+    h = handle_for(model_type, dtype=torch.float64)
+    prompt, target = (MLM_PROMPT, "france") if h.is_masked else (PROMPT, "paris berlin")
+    a = integrated_gradients(h, prompt, target, steps=5)
+    b = integrated_gradients(h, prompt, target, steps=5, use_cache=False, replay=False, slice_head=False)
+    assert a.params["use_cache"] == h.is_causal and not b.params["use_cache"]
+    assert a.params["head_on_scored_positions"] == h.is_masked and not b.params["head_on_scored_positions"]
     assert _rel_err(a.scores, b.scores) <= 1e-10
+    c = integrated_gradients(h, prompt, target, steps=5, use_cache=False)
+    assert _rel_err(c.scores, b.scores) <= 1e-10
 
 
 def test_completeness_converges_with_steps():

@@ -25,6 +25,7 @@ A row with ``alpha = 0`` per layer is added to report completeness: ``sum_i Attr
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import json
@@ -44,7 +45,9 @@ from .hooks import capture_layer_outputs, ffn_hooks, frozen_parameters, replay_l
 from .prompts import Encoded, encode
 
 SCORES = ("prob", "logprob")
-DEFAULT_BATCH_SIZE = 128
+# cache layer types whose update() rebinds its tensors (never writes into them): safe to shallow-copy
+_SHALLOW_COPY_LAYERS = {"DynamicLayer", "DynamicSlidingWindowLayer"}
+DEFAULT_BATCH_SIZE = None  # one layer's steps per forward/backward pass
 
 
 def model_info(handle) -> dict:
@@ -172,7 +175,7 @@ def _out_cache(out):
 class _Runner:
     """Runs the model on the 'moving part' of one encoded prompt for a batch of rows."""
 
-    def __init__(self, handle, enc: Encoded, use_cache: bool):
+    def __init__(self, handle, enc: Encoded, use_cache: bool, slice_head: bool = True):
         self.handle = handle
         self.model = handle.model
         dev = handle.device
@@ -194,17 +197,64 @@ class _Runner:
             self.ids = ids
             self.blank = enc.blank
             self.positions = list(enc.score_positions)
-        self.pos_t = torch.tensor(self.positions, device=dev)
         self.tgt_t = torch.tensor(enc.target_ids, device=dev)
+        self._repeated: dict[int, object] = {}
+        self._shallow_ok = all(type(layer).__name__ in _SHALLOW_COPY_LAYERS
+                               for layer in getattr(self.cache, "layers", [None])) if self.kv else False
+        # Without a KV cache the whole sequence runs; the LM head is then applied to the scored positions only
+        # (a forward hook on the last block cuts its output). Positions after the last block never mix.
+        self.slice_ok = bool(slice_head and not self.kv and handle.is_masked and not handle.arch.guessed)
+        self.sliced = False  # set when the cut really happened (checked after the clean run)
+        self.pos_full = torch.tensor(self.positions, device=dev)
+        self.pos_t = torch.arange(len(self.positions), device=dev) if self.slice_ok else self.pos_full
+
+    def disable_slicing(self) -> None:
+        self.slice_ok = False
+        self.pos_t = self.pos_full
+
+    def _cache_for(self, rows: int):
+        """A private KV cache of the prefix, repeated to ``rows`` (the repeated tensors are built once per size;
+        each forward gets a shallow copy, since cache layers rebind rather than mutate their tensors)."""
+        rep = self._repeated.get(rows)
+        if rep is None:
+            rep = copy.deepcopy(self.cache)
+            if rows > 1:
+                rep.batch_repeat_interleave(rows)
+            self._repeated = {rows: rep}
+        layers = getattr(rep, "layers", None)
+        if self._shallow_ok and isinstance(layers, list):
+            fresh = copy.copy(rep)
+            fresh.layers = [copy.copy(layer) for layer in layers]
+            return fresh
+        return copy.deepcopy(rep)
 
     def forward(self, rows: int):
         ids = self.ids.expand(rows, -1)
         if self.kv:
-            cache = copy.deepcopy(self.cache)
-            if rows > 1:
-                cache.batch_repeat_interleave(rows)
-            return self.model(input_ids=ids, use_cache=True, **{self.cache_kw: cache}).logits
-        return self.model(input_ids=ids).logits
+            return self.model(input_ids=ids, use_cache=True, **{self.cache_kw: self._cache_for(rows)}).logits
+        # full sequence: cut the last block's output to the scored positions, so the LM head runs on those only
+        with self._slice_last_block():
+            return self.model(input_ids=ids).logits
+
+    @contextlib.contextmanager
+    def _slice_last_block(self):
+        pos = self.pos_full
+
+        def cut(mod, args, out):
+            if isinstance(out, torch.Tensor) and out.dim() == 3:
+                self.sliced = True
+                return out[:, pos]
+            if isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor) and out[0].dim() == 3:
+                self.sliced = True
+                return (out[0][:, pos],) + tuple(out[1:])
+            return None
+
+        handle = self.handle.arch.layers[-1].register_forward_hook(cut) if self.slice_ok else None
+        try:
+            yield
+        finally:
+            if handle is not None:
+                handle.remove()
 
     def logprob(self, logits: torch.Tensor) -> torch.Tensor:
         sel = logits[:, self.pos_t]  # [rows, T, vocab]
@@ -214,23 +264,42 @@ class _Runner:
         return lp[:, torch.arange(len(self.positions), device=lp.device), self.tgt_t].sum(-1)
 
 
+def _chunks(n_layers: int, per_layer: int, batch_size: int | None):
+    """Row ranges of the (layer-sorted) rows: whole layers per chunk when ``batch_size >= per_layer`` (so the
+    replay of lower blocks is never wasted), else pieces of one layer."""
+    total = n_layers * per_layer
+    if batch_size is None:
+        batch_size = per_layer
+    if batch_size >= per_layer:
+        step = (batch_size // per_layer) * per_layer
+        return [(a, min(a + step, total)) for a in range(0, total, step)]
+    out = []
+    for layer in range(n_layers):
+        base = layer * per_layer
+        out += [(base + a, base + min(a + batch_size, per_layer)) for a in range(0, per_layer, batch_size)]
+    return out
+
+
 def _check_params(steps, score, batch_size):
     if not isinstance(steps, int) or steps < 1:
         raise KneuronsError(f"steps must be an integer >= 1, got {steps!r}")
     if score not in SCORES:
         raise KneuronsError(f"score must be one of {', '.join(SCORES)}, got {score!r}")
-    if not isinstance(batch_size, int) or batch_size < 1:
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise KneuronsError(f"batch_size must be an integer >= 1, got {batch_size!r}")
 
 
 def integrated_gradients(handle, prompt: str, target: str, steps: int = 20, score: str = "prob",
                          batch_size: int = DEFAULT_BATCH_SIZE, layers=None, use_cache: bool = True,
-                         replay: bool = True, progress: Callable[[int], None] | None = None) -> Attribution:
+                         replay: bool = True, slice_head: bool = True,
+                         progress: Callable[[int], None] | None = None) -> Attribution:
     """Attribute ``target`` at the blank of ``prompt`` to every FFN neuron of ``layers`` (default all).
 
     ``batch_size`` bounds the rows (layer x step) per forward/backward pass — the memory budget; results do not
-    depend on it. ``use_cache``/``replay`` switch the KV-cache and lower-layer replay shortcuts (on by default;
-    the results are the same either way). ``progress(n)`` is called with the number of rows just finished.
+    depend on it. Chunks hold whole layers when ``batch_size >= steps + 1``; the default (``None``) is one
+    layer's ``steps + 1`` rows per pass, which was fastest on CPU (see ``benchmarks/``). ``use_cache``/``replay`` switch the KV-cache and lower-layer replay shortcuts (on by default;
+    the results are the same either way; so does ``slice_head``, which applies the LM head to the scored positions
+    only when the whole sequence runs). ``progress(n)`` is called with the number of rows just finished.
     """
     _check_params(steps, score, batch_size)
     arch = handle.arch
@@ -243,7 +312,7 @@ def integrated_gradients(handle, prompt: str, target: str, steps: int = 20, scor
     model = handle.model
     was_training = model.training
     model.eval()
-    run = _Runner(handle, enc, use_cache)
+    run = _Runner(handle, enc, use_cache, slice_head)
 
     # 1. clean run: blank activations of every layer + every block's output (for replay)
     acts: dict[int, torch.Tensor] = {}
@@ -251,8 +320,17 @@ def integrated_gradients(handle, prompt: str, target: str, steps: int = 20, scor
     def grab(layer, x):
         acts[layer] = x[0, run.blank].detach().clone()
 
-    with torch.no_grad(), ffn_hooks(arch, grab), capture_layer_outputs(arch, range(L)) as outputs:
-        logits = run.forward(1)
+    try:
+        with torch.no_grad(), ffn_hooks(arch, grab), capture_layer_outputs(arch, range(L)) as outputs:
+            logits = run.forward(1)
+    except RuntimeError:
+        if not run.slice_ok:
+            raise
+        run.sliced = False
+    if run.slice_ok and not run.sliced:  # the model reshapes after its last block: score the full sequence
+        run.disable_slicing()
+        with torch.no_grad(), ffn_hooks(arch, grab), capture_layer_outputs(arch, range(L)) as outputs:
+            logits = run.forward(1)
     W = torch.stack([acts[l] for l in range(L)])  # [L, d_ff]
     base_lp = run.logprob(logits)[0]
     base = float(base_lp.exp() if score == "prob" else base_lp)
@@ -265,9 +343,9 @@ def integrated_gradients(handle, prompt: str, target: str, steps: int = 20, scor
     layer_zero = torch.full((L,), float("nan"), dtype=torch.float64)
     n_rows = len(row_layer)
     with frozen_parameters(model):
-        for start in range(0, n_rows, batch_size):
-            rl = row_layer[start: start + batch_size]
-            rk = row_k[start: start + batch_size]
+        for start, stop in _chunks(len(layers), steps + 1, batch_size):
+            rl = row_layer[start:stop]
+            rk = row_k[start:stop]
             R = len(rl)
             alpha = (rk.to(W.dtype) / steps).to(W.device)
             scaled = (alpha[:, None] * W[rl.to(W.device)]).requires_grad_(True)
@@ -307,7 +385,8 @@ def integrated_gradients(handle, prompt: str, target: str, steps: int = 20, scor
     scores[~mask.to(scores.device)] = 0
     out_dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
     params = {"steps": steps, "score": score, "batch_size": batch_size, "layers": layers, "baseline": "zero",
-              "position": "blank", "use_cache": run.kv, "replay": replay}
+              "position": "blank", "use_cache": run.kv, "replay": replay,
+              "head_on_scored_positions": run.slice_ok}
     return Attribution(scores.to(out_dtype).cpu(), W.to(out_dtype).cpu(), prompt, enc.target, enc.target_ids, base,
                        layer_zero, params, model_info(handle))
 

@@ -206,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def ig_args(p):
         p.add_argument("--steps", type=int, default=20, help="integration steps m (default 20)")
-        p.add_argument("--batch-size", type=int, default=128, help="rows per forward/backward pass (memory budget)")
+        p.add_argument("--batch-size", type=int, default=None,
+                       help="rows per forward/backward pass (memory budget; default: one layer = steps + 1)")
         p.add_argument("--score", choices=["prob", "logprob"], default="prob")
 
     p = sub.add_parser("locate", help="knowledge neurons of one fact from its paraphrase prompts")

@@ -1,0 +1,194 @@
+"""A synthetic fact world: a model whose knowledge we know, to prove the method end to end.
+
+Real masked-LM weights cannot be had offline and a real model's facts are unknown ground truth, so this module
+generates random entities and relations with paraphrase templates, trains a tiny BERT-type (masked) or
+GPT-2-type (causal) model on them in-process until it answers the training facts, and hands it back as a
+:class:`~kneurons.models.ModelHandle`. Everything is seeded.
+
+>>> world = make_world(seed=0)
+>>> handle = train_model(world, "causal", seed=0)      # ~20-60 s on 2 CPU cores
+>>> world.prompts("born_in", world.subjects[0])          # paraphrases of one fact
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import KneuronsError
+
+#: relation id -> paraphrase templates (the blank ends every sentence, so causal models can use them all)
+TEMPLATES = {
+    "born_in": ["[X] was born in [Y] .", "the birthplace of [X] is [Y] .", "[X] came into the world in [Y] .",
+                "[X] is a native of the city of [Y] ."],
+    "citizen_of": ["[X] is a citizen of [Y] .", "[X] holds a passport of [Y] .", "the nationality of [X] is [Y] .",
+                   "[X] belongs to the nation of [Y] ."],
+    "works_as": ["[X] works as a [Y] .", "the profession of [X] is [Y] .", "by trade [X] is a [Y] .",
+                 "[X] earns a living as a [Y] ."],
+    "speaks": ["[X] speaks [Y] .", "the mother tongue of [X] is [Y] .", "[X] talks in [Y] .",
+               "the language used by [X] is [Y] ."],
+    "plays": ["[X] plays the [Y] .", "the instrument of [X] is the [Y] .", "[X] performs on the [Y] .",
+              "in the band [X] plays [Y] ."],
+}
+
+_SYLLABLES = ["ka", "zo", "ri", "mu", "te", "lo", "vi", "na", "qu", "be", "sa", "do", "fe", "gu", "hi", "jo",
+              "xa", "ye", "wu", "pi"]
+
+
+@dataclass
+class World:
+    subjects: list[str]
+    objects: dict[str, list[str]]  # relation -> its possible objects
+    facts: dict[str, dict[str, str]]  # relation -> subject -> object
+    templates: dict[str, list[str]]
+    seed: int = 0
+    words: list[str] = field(default_factory=list)
+
+    @property
+    def relations(self) -> list[str]:
+        return list(self.facts)
+
+    def prompts(self, relation: str, subject: str) -> list[str]:
+        """The paraphrase prompts of one fact, blank written ``[Y]``."""
+        return [t.replace("[X]", subject) for t in self.templates[relation]]
+
+    def sentences(self):
+        """(prompt, object, relation, subject) for every fact and template."""
+        for rel, facts in self.facts.items():
+            for subj, obj in facts.items():
+                for p in self.prompts(rel, subj):
+                    yield p, obj, rel, subj
+
+    def other_object(self, relation: str, subject: str, seed: int = 0) -> str:
+        """Another object of the same relation (the t' of an update)."""
+        rng = random.Random(f"{seed}-{relation}-{subject}")
+        choices = [o for o in self.objects[relation] if o != self.facts[relation][subject]]
+        return rng.choice(choices)
+
+
+def make_world(n_subjects: int = 100, n_objects: int = 8, relations: list[str] | None = None,
+               seed: int = 0) -> World:
+    """Random entities (invented words) and their facts for each relation in :data:`TEMPLATES`."""
+    rels = list(relations or TEMPLATES)
+    unknown = [r for r in rels if r not in TEMPLATES]
+    if unknown:
+        raise KneuronsError(f"unknown synthetic relation(s): {', '.join(unknown)}")
+    if n_subjects < 2 or n_objects < 2:
+        raise KneuronsError("a world needs at least 2 subjects and 2 objects per relation")
+    rng = random.Random(seed)
+    used: set[str] = set()
+
+    def word(n_syll: int) -> str:
+        while True:
+            w = "".join(rng.choice(_SYLLABLES) for _ in range(n_syll))
+            if w not in used:
+                used.add(w)
+                return w
+
+    subjects = [word(3) for _ in range(n_subjects)]
+    objects = {r: [word(2) for _ in range(n_objects)] for r in rels}
+    facts = {r: {s: rng.choice(objects[r]) for s in subjects} for r in rels}
+    templates = {r: list(TEMPLATES[r]) for r in rels}
+    words = sorted({w for r in rels for t in templates[r] for w in t.split() if w not in ("[X]", "[Y]")})
+    return World(subjects, objects, facts, templates, seed, words)
+
+
+def build_tokenizer(world: World, kind: str):
+    """A word-level Hugging Face tokenizer over the world's vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[MASK]", "[CLS]", "[SEP]", "[BOS]"]
+    vocab_words = specials + world.words + world.subjects + sorted({o for v in world.objects.values() for o in v})
+    vocab = {w: i for i, w in enumerate(dict.fromkeys(vocab_words))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    if kind == "masked":
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
+        return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                       mask_token="[MASK]", cls_token="[CLS]", sep_token="[SEP]")
+    tok.post_processor = processors.TemplateProcessing(single="[BOS] $A", special_tokens=[("[BOS]", vocab["[BOS]"])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", bos_token="[BOS]")
+
+
+def tiny_config(kind: str, vocab_size: int, d_model: int = 64, n_layers: int = 4, d_ff: int = 256,
+                activation: str = "gelu"):
+    from transformers import BertConfig, GPT2Config
+
+    if kind == "masked":
+        return BertConfig(vocab_size=vocab_size, hidden_size=d_model, num_hidden_layers=n_layers,
+                          num_attention_heads=4, intermediate_size=d_ff, max_position_embeddings=32, hidden_act=activation,
+                          hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, pad_token_id=0)
+    if kind == "causal":
+        return GPT2Config(vocab_size=vocab_size, n_embd=d_model, n_layer=n_layers, n_head=4, n_inner=d_ff,
+                          n_positions=32, activation_function=activation, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=5,
+                          eos_token_id=5, pad_token_id=0)
+    raise KneuronsError(f"kind must be 'masked' or 'causal', got {kind!r}")
+
+
+def train_model(world: World, kind: str, seed: int = 0, steps: int = 3000, batch_size: int = 64, lr: float = 3e-3,
+                target_accuracy: float = 0.99, label_smoothing: float = 0.1, d_model: int = 64, n_layers: int = 4,
+                d_ff: int = 256, holdout: float = 0.0, activation: str = "gelu", log=None):
+    """Train a tiny model on every (fact, template) sentence until it answers them (or ``steps`` run out).
+
+    The loss is the cross-entropy of the object token at the blank (masked: the [MASK] position; causal: the
+    position before the object). Returns a :class:`ModelHandle`; ``handle.source`` records the training.
+    """
+    from transformers import BertForMaskedLM, GPT2LMHeadModel
+
+    from .models import ModelHandle
+    from .prompts import encode
+
+    torch.manual_seed(seed)
+    tok = build_tokenizer(world, kind)
+    cfg = tiny_config(kind, len(tok), d_model, n_layers, d_ff, activation)
+    model = (BertForMaskedLM if kind == "masked" else GPT2LMHeadModel)(cfg)
+    model.config.attn_implementation = "eager"
+    handle = ModelHandle.from_model(model, tok, name=f"synthetic-{kind}-seed{seed}")
+    sentences = list(world.sentences())
+    rng = random.Random(seed)
+    held = set(rng.sample(range(len(sentences)), int(holdout * len(sentences)))) if holdout else set()
+    handle.heldout = [sentences[i] for i in sorted(held)]
+    encs = [encode(handle, p, o) for i, (p, o, _, _) in enumerate(sentences) if i not in held]
+    n = max(len(e.input_ids) for e in encs)
+    ids = torch.zeros(len(encs), n, dtype=torch.long)
+    att = torch.zeros(len(encs), n, dtype=torch.long)
+    pos = torch.tensor([e.score_positions[0] for e in encs])
+    tgt = torch.tensor([e.target_ids[0] for e in encs])
+    for r, e in enumerate(encs):
+        ids[r, : len(e.input_ids)] = torch.tensor(e.input_ids)
+        att[r, : len(e.input_ids)] = 1
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100))
+    gen = torch.Generator().manual_seed(seed)
+    t0 = time.time()
+    acc = 0.0
+    step = 0
+    for step in range(1, steps + 1):
+        model.train()
+        batch = torch.randint(0, len(encs), (batch_size,), generator=gen)
+        logits = model(input_ids=ids[batch], attention_mask=att[batch]).logits
+        loss = torch.nn.functional.cross_entropy(logits[torch.arange(batch_size), pos[batch]], tgt[batch],
+                                               label_smoothing=label_smoothing)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 100 == 0:
+            model.eval()
+            with torch.no_grad():
+                full = model(input_ids=ids, attention_mask=att).logits
+                acc = float((full[torch.arange(len(encs)), pos].argmax(-1) == tgt).float().mean())
+            if log:
+                log(f"step {step}: loss {loss.item():.3f}, training accuracy {acc:.3f}")
+            if acc >= target_accuracy:
+                break
+    model.eval()
+    handle.source = (f"synthetic world (seed {world.seed}): {len(world.subjects)} subjects x {len(world.relations)} "
+                     f"relations, trained {step} steps in {time.time() - t0:.0f}s, accuracy {acc:.3f}")
+    handle.train_accuracy = acc
+    return handle
