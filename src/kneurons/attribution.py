@@ -47,7 +47,8 @@ from .prompts import Encoded, encode
 SCORES = ("prob", "logprob")
 # cache layer types whose update() rebinds its tensors (never writes into them): safe to shallow-copy
 _SHALLOW_COPY_LAYERS = {"DynamicLayer", "DynamicSlidingWindowLayer"}
-DEFAULT_BATCH_SIZE = None  # one layer's steps per forward/backward pass
+DEFAULT_BATCH_SIZE = None  # = DEFAULT_LAYERS_PER_PASS x (steps + 1) rows per forward/backward pass
+DEFAULT_LAYERS_PER_PASS = 4  # fastest on a 2-core CPU for SmolLM2-135M and BERT-base shapes (benchmarks/)
 
 
 def model_info(handle) -> dict:
@@ -269,7 +270,7 @@ def _chunks(n_layers: int, per_layer: int, batch_size: int | None):
     replay of lower blocks is never wasted), else pieces of one layer."""
     total = n_layers * per_layer
     if batch_size is None:
-        batch_size = per_layer
+        batch_size = DEFAULT_LAYERS_PER_PASS * per_layer
     if batch_size >= per_layer:
         step = (batch_size // per_layer) * per_layer
         return [(a, min(a + step, total)) for a in range(0, total, step)]
@@ -296,8 +297,8 @@ def integrated_gradients(handle, prompt: str, target: str, steps: int = 20, scor
     """Attribute ``target`` at the blank of ``prompt`` to every FFN neuron of ``layers`` (default all).
 
     ``batch_size`` bounds the rows (layer x step) per forward/backward pass — the memory budget; results do not
-    depend on it. Chunks hold whole layers when ``batch_size >= steps + 1``; the default (``None``) is one
-    layer's ``steps + 1`` rows per pass, which was fastest on CPU (see ``benchmarks/``). ``use_cache``/``replay`` switch the KV-cache and lower-layer replay shortcuts (on by default;
+    depend on it. Chunks hold whole layers when ``batch_size >= steps + 1``; the default (``None``) is four
+    layers' ``4 (steps + 1)`` rows per pass, which was fastest on CPU (see ``benchmarks/``). ``use_cache``/``replay`` switch the KV-cache and lower-layer replay shortcuts (on by default;
     the results are the same either way; so does ``slice_head``, which applies the LM head to the scored positions
     only when the whole sequence runs). ``progress(n)`` is called with the number of rows just finished.
     """

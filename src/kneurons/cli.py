@@ -137,6 +137,151 @@ def _print_located(kn, elapsed: float | None = None) -> None:
         print("layers: " + ", ".join(f"L{l}: {n}" for l, n in kn.layers().items()))
 
 
+def _neurons_for(args, handle):
+    """Neurons from ``--neurons FILE`` or located on the fly from the prompts."""
+    from .neurons import KnowledgeNeurons, locate
+
+    if args.neurons:
+        kn = KnowledgeNeurons.load(args.neurons)
+        if kn.model.get("n_layers") not in (None, handle.n_layers) or kn.model.get("d_ff") not in (None, handle.d_ff):
+            raise KneuronsError(f"{args.neurons} was located on a model of another shape ({kn.model.get('name')})")
+        return kn
+    if len(args.prompts) < 2:
+        raise KneuronsError("give --neurons FILE, or at least 2 paraphrase prompts to locate the neurons")
+    from .attribution import rows_per_prompt
+
+    with _progress_bar(rows_per_prompt(handle, args.steps) * len(args.prompts), "locating") as bar:
+        kn = locate(handle, args.prompts, args.target, steps=args.steps, adaptive=True, progress=bar.update)
+    print(f"located {len(kn)} knowledge neurons: {kn.neurons}")
+    if not kn.neurons:
+        raise KneuronsError("no knowledge neurons found for this fact (try more or better paraphrases)")
+    return kn
+
+
+def _controls(args) -> list[tuple[str, str, str]]:
+    return [("control", p, t) for p, t in (args.control or [])]
+
+
+def cmd_intervene(args) -> int:
+    from .interventions import measure_intervention
+
+    handle = _load(args)
+    kn = _neurons_for(args, handle)
+    prompts = args.prompts or kn.prompts
+    target = args.target or kn.target
+    if not prompts or not target:
+        raise KneuronsError("give the fact's prompts and --target (or a --neurons file that has them)")
+    factor = 0.0 if args.command == "suppress" else args.factor
+    res = measure_intervention(handle, kn, prompts, target, factor, _controls(args), position=args.position)
+    df = res.to_dataframe()
+    print(_table(df[["group", "prompt", "target", "before", "after", "rel_change"]].to_dict("records")))
+    s = res.summary()
+    print(f"\n{args.command} x{factor:g} of {len(res.neurons)} neurons: fact {s['fact']:+.1%}"
+          + (f", controls {df[df.group != 'fact'].rel_change.mean():+.1%}, specificity {s['specificity']:.1f}"
+             if (df.group != "fact").any() else ""))
+    return 0
+
+
+def cmd_update(args) -> int:
+    from .interventions import perplexity, save_edited, success, update_fact, weights_digest
+    from .prompts import assess
+
+    _check_model_dir(args.save_model)
+    handle = _load(args)
+    kn = _neurons_for(args, handle)
+    prompts = args.prompts or kn.prompts
+    old = args.target or kn.target
+    ctrl_p = [p for p, _ in (args.control or [])]
+    ctrl_t = [t for _, t in (args.control or [])]
+    digest = weights_digest(handle.model)
+    before = {"old": assess(handle, prompts, old), "new": assess(handle, prompts, args.new),
+              "ppl": perplexity(handle, ctrl_p, ctrl_t) if ctrl_p else float("nan")}
+    edit = update_fact(handle, kn, old, args.new, prompt=prompts[0], lambda1=args.lambda1, lambda2=args.lambda2)
+    after = {"old": assess(handle, prompts, old), "new": assess(handle, prompts, args.new),
+             "ppl": perplexity(handle, ctrl_p, ctrl_t) if ctrl_p else float("nan")}
+    rows = [{"prompt": p, f"P({old}) before": b.prob, "after": a.prob, f"P({args.new}) before": nb.prob,
+             "after ": na.prob, f"rank of {args.new}": f"{nb.rank} -> {na.rank}"}
+            for p, b, a, nb, na in zip(prompts, before["old"], after["old"], before["new"], after["new"])]
+    print(_table(rows))
+    s1 = sum(a.rank <= 1 for a in after["new"]) / len(prompts)
+    s5 = sum(a.rank <= 5 for a in after["new"]) / len(prompts)
+    print(f"\nupdate {old} -> {args.new} in {len(kn)} value slots: success@1 {s1:.0%}, success@5 {s5:.0%}"
+          + (f"; control perplexity {before['ppl']:.2f} -> {after['ppl']:.2f}" if ctrl_p else ""))
+    if args.save_model:
+        save_edited(handle, args.save_model)
+        print(f"edited model saved to {args.save_model}")
+    edit.revert()
+    assert weights_digest(handle.model) == digest
+    return 0
+
+
+def _check_model_dir(path):
+    if path is None:
+        return
+    p = Path(path)
+    if p.exists() and any(p.iterdir()):
+        raise KneuronsError(f"directory {p} is not empty")
+    if not p.parent.exists():
+        raise KneuronsError(f"directory does not exist: {p.parent}")
+
+
+def _relation_items(handle, rel, facts_subset=None):
+    items = [(f, p) for f in (facts_subset or rel.facts) for p in rel.prompts(f, causal=handle.is_causal)]
+    return [p for _, p in items], [f.object for f, _ in items]
+
+
+def cmd_erase(args) -> int:
+    from .data import load_facts
+    from .interventions import accuracy, erase_relation, perplexity, save_edited, shared_neurons
+    from .neurons import KnowledgeNeurons, locate
+
+    _check_model_dir(args.save_model)
+    facts = load_facts(args.facts)
+    rel = facts.relation(args.relation)
+    handle = _load(args)
+    if args.neurons:
+        sets = [KnowledgeNeurons.load(f) for f in args.neurons]
+    else:
+        chosen = rel.facts[: args.facts_per_relation]
+        sets = []
+        from .attribution import rows_per_prompt
+
+        n_rows = sum(rows_per_prompt(handle, args.steps) * len(rel.prompts(f, causal=handle.is_causal)) for f in chosen)
+        with _progress_bar(n_rows, f"locating {len(chosen)} facts of {rel.id}") as bar:
+            for f in chosen:
+                prompts = rel.prompts(f, causal=handle.is_causal)
+                if len(prompts) >= 2:
+                    sets.append(locate(handle, prompts, f.object, steps=args.steps, adaptive=True,
+                                       keep_attributions=False, progress=bar.update))
+    shared = shared_neurons(sets, args.min_facts, args.top_k)
+    print(f"{len(shared)} neurons shared by the knowledge neurons of {len(sets)} facts of {rel.id}: {shared}")
+    others = [r for r in facts.relations if r.id != rel.id]
+
+    def measure():
+        row = {}
+        p, t = _relation_items(handle, rel)
+        row["erased relation"] = (accuracy(handle, p, t), perplexity(handle, p, t))
+        op, ot = [], []
+        for r in others:
+            a, b = _relation_items(handle, r)
+            op += a
+            ot += b
+        row["other relations"] = (accuracy(handle, op, ot), perplexity(handle, op, ot))
+        return row
+
+    before = measure()
+    edit = erase_relation(handle, sets, args.min_facts, args.top_k, mode=args.mode)
+    after = measure()
+    print(_table([{"prompts of": k, "accuracy before": before[k][0], "after": after[k][0],
+                   "perplexity before": before[k][1], "after ": after[k][1],
+                   "perplexity change": (after[k][1] - before[k][1]) / before[k][1]} for k in before]))
+    if args.save_model:
+        save_edited(handle, args.save_model)
+        print(f"edited model saved to {args.save_model}")
+    edit.revert()
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .data import load_facts
     from .neurons import locate
@@ -176,6 +321,65 @@ def cmd_demo(args) -> int:
         kn = locate(handle, prompts, obj, steps=args.steps, adaptive=True, batch_size=args.batch_size,
                     progress=bar.update)
     _print_located(kn, time.time() - t)
+    if not kn.neurons:
+        print("no knowledge neurons at these settings; stopping")
+        return 0
+
+    from .interventions import measure_intervention, perplexity, update_fact, weights_digest
+    from .neurons import random_neurons
+    from .prompts import assess
+
+    known_by_rel: dict = {}
+    for r, s_, o, ps, _ in known:
+        known_by_rel.setdefault(r.id, []).append((s_, o, ps))
+    same = [(s_, o, ps) for s_, o, ps in known_by_rel[rel.id] if s_ != subj][:5]
+    other = [v[0] for rid, v in known_by_rel.items() if rid != rel.id][:6]
+    controls = [("same_relation", ps[0], o) for _, o, ps in same] + [("other_relation", ps[0], o) for _, o, ps in other]
+
+    print(f"\n== 3. Suppress and amplify the {len(kn)} knowledge neurons (fact vs {len(controls)} control facts) ==")
+    rnd = random_neurons(handle, kn, seed=0)
+    summary = []
+    for label, neurons, factor in (("suppress (x0)", kn, 0.0), ("amplify (x2)", kn, 2.0),
+                                   ("suppress random neurons", rnd, 0.0), ("amplify random neurons", rnd, 2.0)):
+        res = measure_intervention(handle, neurons, prompts, obj, factor, controls)
+        if label == "suppress (x0)":
+            print(_table(res.to_dataframe()[["group", "prompt", "target", "before", "after", "rel_change"]]
+                         .to_dict("records")))
+        s_ = res.summary()
+        summary.append({"intervention": label, "fact dp/p": f"{s_['fact']:+.1%}",
+                        "same relation": f"{s_['same_relation']:+.1%}", "other relations": f"{s_['other_relation']:+.1%}"})
+    print()
+    print(_table(summary))
+
+    new = next((o for _, o, _ in same if o != obj), None)
+    if new is None:
+        return 0
+    print(f"\n== 4. Update <{subj}, {rel.id}, {obj}> -> {new} in the neurons' value slots, then revert ==")
+    intra_p = [ps[0] for _, _, ps in same]
+    intra_t = [o for _, o, _ in same]
+    inter_p = [ps[0] for _, _, ps in other]
+    inter_t = [o for _, o, _ in other]
+    digest = weights_digest(handle.model)
+
+    def state():
+        a_old, a_new = assess(handle, prompts, obj), assess(handle, prompts, new)
+        return {"P(old)": sum(a.prob for a in a_old) / len(prompts), "P(new)": sum(a.prob for a in a_new) / len(prompts),
+                "success@1": sum(a.rank <= 1 for a in a_new) / len(prompts),
+                "success@5": sum(a.rank <= 5 for a in a_new) / len(prompts),
+                "intra-relation ppl": perplexity(handle, intra_p, intra_t),
+                "inter-relation ppl": perplexity(handle, inter_p, inter_t)}
+
+    before = state()
+    edit = update_fact(handle, kn, obj, new, prompt=prompts[0])
+    after = state()
+    print(_table([{"": "before", **before}, {"": "after update", **after}]))
+    print(f"top prediction after the update: " + "; ".join(
+        f"{a.prompt!r} -> {a.top[0].token.strip()}" for a in assess(handle, prompts, new)))
+    edit.revert()
+    same_weights = weights_digest(handle.model) == digest
+    print(f"reverted: every weight bit-identical to before: {'yes' if same_weights else 'NO'}")
+    if not same_weights:
+        raise KneuronsError("revert did not restore the weights")
     return 0
 
 
@@ -207,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     def ig_args(p):
         p.add_argument("--steps", type=int, default=20, help="integration steps m (default 20)")
         p.add_argument("--batch-size", type=int, default=None,
-                       help="rows per forward/backward pass (memory budget; default: one layer = steps + 1)")
+                       help="rows per forward/backward pass (memory budget; default: 4 layers = 4 x (steps + 1))")
         p.add_argument("--score", choices=["prob", "logprob"], default="prob")
 
     p = sub.add_parser("locate", help="knowledge neurons of one fact from its paraphrase prompts")
@@ -222,6 +426,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("prompts", nargs="+", help="paraphrase prompts of one fact, each with one blank")
     p.set_defaults(fn=cmd_locate)
+
+    def fact_args(p, need_target=True):
+        p.add_argument("--neurons", default=None, help="a knowledge-neurons JSON file from `kneurons locate --save`")
+        p.add_argument("--target", "-t", default=None, help="the fact's answer (default: from --neurons)")
+        p.add_argument("--control", nargs=2, action="append", metavar=("PROMPT", "TARGET"),
+                       help="a control prompt and its answer (repeatable)")
+        p.add_argument("prompts", nargs="*", help="the fact's paraphrase prompts (default: from --neurons)")
+
+    for name, helptext in (("suppress", "set knowledge neurons to 0 and measure the fact and controls"),
+                           ("amplify", "multiply knowledge neurons by --factor (2) and measure")):
+        p = sub.add_parser(name, help=helptext)
+        model_args(p)
+        ig_args(p)
+        fact_args(p)
+        p.add_argument("--factor", type=float, default=2.0)
+        p.add_argument("--position", choices=["blank", "all"], default="blank")
+        p.set_defaults(fn=cmd_intervene)
+
+    p = sub.add_parser("update", help="rewrite a fact's answer in its neurons' value slots (then revert)")
+    model_args(p)
+    ig_args(p)
+    fact_args(p)
+    p.add_argument("--new", required=True, help="the new answer t'")
+    p.add_argument("--lambda1", type=float, default=1.0)
+    p.add_argument("--lambda2", type=float, default=8.0)
+    p.add_argument("--save-model", default=None, help="save the edited model to this (new or empty) directory")
+    p.set_defaults(fn=cmd_update)
+
+    p = sub.add_parser("erase", help="erase a built-in relation through the neurons its facts share")
+    model_args(p)
+    ig_args(p)
+    p.add_argument("--relation", required=True, help="relation id of the built-in fact set")
+    p.add_argument("--facts", default=None, help="a facts JSON file (default: the built-in set)")
+    p.add_argument("--facts-per-relation", type=int, default=8, help="facts whose neurons are located")
+    p.add_argument("--neurons", nargs="+", default=None, help="knowledge-neuron files instead of locating")
+    p.add_argument("--min-facts", type=int, default=2, help="keep neurons shared by at least this many facts")
+    p.add_argument("--top-k", type=int, default=None, help="or keep the k most shared neurons")
+    p.add_argument("--mode", choices=["zero", "unk"], default="zero")
+    p.add_argument("--save-model", default=None)
+    p.set_defaults(fn=cmd_erase)
 
     p = sub.add_parser("demo", help="the main job on the embedded model")
     model_args(p)
