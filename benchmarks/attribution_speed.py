@@ -51,7 +51,7 @@ hf_logging.set_verbosity_error()
 import kneurons  # noqa: E402
 from kneurons import ModelHandle  # noqa: E402
 from kneurons.attribution import integrated_gradients  # noqa: E402
-from kneurons.attribution import DEFAULT_BATCH_SIZE, DEFAULT_LAYERS_PER_PASS  # noqa: E402
+from kneurons.attribution import DEFAULT_BATCH_SIZE, default_rows_per_pass  # noqa: E402
 from kneurons.hooks import ffn_hooks  # noqa: E402
 from kneurons.prompts import encode  # noqa: E402
 
@@ -331,7 +331,8 @@ def bench_model(name, handle, prompt, target, args, device, eleuther=None, eleut
 
     # --- kneurons: batch-size sweep, one timed call per size (after one warm-up call), then the fastest size
     # and the default are timed again (median of --repeats-fast)
-    default_bs = DEFAULT_BATCH_SIZE or DEFAULT_LAYERS_PER_PASS * (steps + 1)
+    run_len = len(enc.target_ids) if handle.is_causal else len(enc.input_ids)  # positions each row runs
+    default_bs = DEFAULT_BATCH_SIZE or default_rows_per_pass(steps, run_len)
     n_rows = handle.n_layers * (steps + 1)
     sizes = [default_bs] if args.quick else sorted(
         {steps + 1, 4 * (steps + 1), default_bs, n_rows})

@@ -47,8 +47,14 @@ from .prompts import Encoded, encode
 SCORES = ("prob", "logprob")
 # cache layer types whose update() rebinds its tensors (never writes into them): safe to shallow-copy
 _SHALLOW_COPY_LAYERS = {"DynamicLayer", "DynamicSlidingWindowLayer"}
-DEFAULT_BATCH_SIZE = None  # = DEFAULT_LAYERS_PER_PASS x (steps + 1) rows per forward/backward pass
-DEFAULT_LAYERS_PER_PASS = 4  # fastest on a 2-core CPU for SmolLM2-135M and BERT-base shapes (benchmarks/)
+DEFAULT_BATCH_SIZE = None  # whole layers, about DEFAULT_TOKENS_PER_PASS row-positions per pass
+DEFAULT_LAYERS_PER_PASS = 4  # fastest on a 2-core CPU for GPT-2, BERT-base and SmolLM2 shapes (benchmarks/)
+DEFAULT_TOKENS_PER_PASS = 2048  # and at most this many row-positions per pass (memory ~ this x layers)
+
+
+def default_rows_per_pass(steps: int, positions: int) -> int:
+    """Rows per forward/backward pass when ``batch_size`` is not given."""
+    return max(steps + 1, min(DEFAULT_LAYERS_PER_PASS * (steps + 1), DEFAULT_TOKENS_PER_PASS // max(1, positions)))
 
 
 def model_info(handle) -> dict:
@@ -205,6 +211,8 @@ class _Runner:
         # Without a KV cache the whole sequence runs; the LM head is then applied to the scored positions only
         # (a forward hook on the last block cuts its output). Positions after the last block never mix.
         self.slice_ok = bool(slice_head and not self.kv and handle.is_masked and not handle.arch.guessed)
+        # partial blocks (run on some rows, replayed for the others) need per-block KV caches of that size
+        self.staircase_ok = ((not self.kv) or self._shallow_ok) and not handle.arch.guessed
         self.sliced = False  # set when the cut really happened (checked after the clean run)
         self.pos_full = torch.tensor(self.positions, device=dev)
         self.pos_t = torch.arange(len(self.positions), device=dev) if self.slice_ok else self.pos_full
@@ -213,7 +221,7 @@ class _Runner:
         self.slice_ok = False
         self.pos_t = self.pos_full
 
-    def _cache_for(self, rows: int):
+    def _cache_for(self, rows: int, active: dict[int, int] | None = None):
         """A private KV cache of the prefix, repeated to ``rows`` (the repeated tensors are built once per size;
         each forward gets a shallow copy, since cache layers rebind rather than mutate their tensors)."""
         rep = self._repeated.get(rows)
@@ -226,13 +234,18 @@ class _Runner:
         if self._shallow_ok and isinstance(layers, list):
             fresh = copy.copy(rep)
             fresh.layers = [copy.copy(layer) for layer in layers]
+            for j, layer in enumerate(fresh.layers):  # blocks run on their leading active rows only
+                n = (active or {}).get(j, rows)
+                if 0 < n < rows and getattr(layer, "keys", None) is not None:
+                    layer.keys, layer.values = layer.keys[:n], layer.values[:n]
             return fresh
         return copy.deepcopy(rep)
 
-    def forward(self, rows: int):
+    def forward(self, rows: int, active: dict[int, int] | None = None):
         ids = self.ids.expand(rows, -1)
         if self.kv:
-            return self.model(input_ids=ids, use_cache=True, **{self.cache_kw: self._cache_for(rows)}).logits
+            cache = self._cache_for(rows, active)
+            return self.model(input_ids=ids, use_cache=True, **{self.cache_kw: cache}).logits
         # full sequence: cut the last block's output to the scored positions, so the LM head runs on those only
         with self._slice_last_block():
             return self.model(input_ids=ids).logits
@@ -265,12 +278,10 @@ class _Runner:
         return lp[:, torch.arange(len(self.positions), device=lp.device), self.tgt_t].sum(-1)
 
 
-def _chunks(n_layers: int, per_layer: int, batch_size: int | None):
+def _chunks(n_layers: int, per_layer: int, batch_size: int):
     """Row ranges of the (layer-sorted) rows: whole layers per chunk when ``batch_size >= per_layer`` (so the
     replay of lower blocks is never wasted), else pieces of one layer."""
     total = n_layers * per_layer
-    if batch_size is None:
-        batch_size = DEFAULT_LAYERS_PER_PASS * per_layer
     if batch_size >= per_layer:
         step = (batch_size // per_layer) * per_layer
         return [(a, min(a + step, total)) for a in range(0, total, step)]
@@ -298,7 +309,7 @@ def integrated_gradients(handle, prompt: str, target: str, steps: int = 20, scor
 
     ``batch_size`` bounds the rows (layer x step) per forward/backward pass — the memory budget; results do not
     depend on it. Chunks hold whole layers when ``batch_size >= steps + 1``; the default (``None``) is four
-    layers' ``4 (steps + 1)`` rows per pass, which was fastest on CPU (see ``benchmarks/``). ``use_cache``/``replay`` switch the KV-cache and lower-layer replay shortcuts (on by default;
+    layers per pass (fastest in ``benchmarks/``), fewer if that exceeds ``DEFAULT_TOKENS_PER_PASS`` row-positions. Within a pass, block ``j`` runs only for the rows patched at or below ``j``. ``use_cache``/``replay`` switch the KV-cache and lower-layer replay shortcuts (on by default;
     the results are the same either way; so does ``slice_head``, which applies the LM head to the scored positions
     only when the whole sequence runs). ``progress(n)`` is called with the number of rows just finished.
     """
@@ -344,7 +355,8 @@ def integrated_gradients(handle, prompt: str, target: str, steps: int = 20, scor
     layer_zero = torch.full((L,), float("nan"), dtype=torch.float64)
     n_rows = len(row_layer)
     with frozen_parameters(model):
-        for start, stop in _chunks(len(layers), steps + 1, batch_size):
+        rows_per_pass = batch_size or default_rows_per_pass(steps, run.ids.shape[1])
+        for start, stop in _chunks(len(layers), steps + 1, rows_per_pass):
             rl = row_layer[start:stop]
             rk = row_k[start:stop]
             R = len(rl)
@@ -361,13 +373,31 @@ def integrated_gradients(handle, prompt: str, target: str, steps: int = 20, scor
                 x[sel, run.blank] = _scaled[sel].to(x.dtype)
                 return x
 
-            lowest = present[0]
-            cached = {j: outputs[j] for j in range(lowest)} if replay else {}
-            with torch.enable_grad(), ffn_hooks(arch, patch, present), replay_layers(arch, cached, R):
-                logits = run.forward(R)
-                lp = run.logprob(logits)
-                s = lp.exp() if score == "prob" else lp
-                (g,) = torch.autograd.grad(s.sum(), scaled)
+            # block j runs only for the rows patched at or below j (rows are sorted by layer); the others
+            # take block j's clean output from the cache
+            active = {j: int((rl <= j).sum()) for j in range(L)}
+            if not (replay and run.staircase_ok):
+                active = {j: (0 if j < present[0] else R) for j in range(L)}
+            cached = {j: outputs[j] for j in range(L) if active[j] < R} if replay else {}
+            if not replay:
+                active = {j: R for j in range(L)}
+            def run_chunk(active, cached):
+                with torch.enable_grad(), ffn_hooks(arch, patch, present), replay_layers(arch, cached, R, active):
+                    lp = run.logprob(run.forward(R, active))
+                    s = lp.exp() if score == "prob" else lp
+                    (g,) = torch.autograd.grad(s.sum(), scaled)
+                return s, g
+
+            try:
+                s, g = run_chunk(active, cached)
+            except RuntimeError:
+                if not (replay and run.staircase_ok and any(0 < n < R for n in active.values())):
+                    raise
+                # this model passes batch-shaped data that cannot be cut to the active rows (e.g. BLOOM's
+                # ALiBi bias, [batch * heads, ...]): run whole blocks from here on, replaying only below
+                run.staircase_ok = False
+                s, g = run_chunk({j: (0 if j < present[0] else R) for j in range(L)},
+                                 {j: outputs[j] for j in range(present[0])})
             g = g.detach().to(grad_sum.dtype)
             pos = rk > 0
             if pos.any():
@@ -375,7 +405,7 @@ def integrated_gradients(handle, prompt: str, target: str, steps: int = 20, scor
             zero = (rk == 0).nonzero()[:, 0]
             for r in zero.tolist():
                 layer_zero[int(rl[r])] = float(s[r].detach())
-            del logits, lp, s, g, scaled
+            del s, g, scaled
             if progress is not None:
                 progress(R)
     if was_training:
@@ -387,7 +417,8 @@ def integrated_gradients(handle, prompt: str, target: str, steps: int = 20, scor
     out_dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
     params = {"steps": steps, "score": score, "batch_size": batch_size, "layers": layers, "baseline": "zero",
               "position": "blank", "use_cache": run.kv, "replay": replay,
-              "head_on_scored_positions": run.slice_ok}
+              "head_on_scored_positions": run.slice_ok,
+              "partial_blocks": bool(replay and run.staircase_ok)}
     return Attribution(scores.to(out_dtype).cpu(), W.to(out_dtype).cpu(), prompt, enc.target, enc.target_ids, base,
                        layer_zero, params, model_info(handle))
 

@@ -411,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     def ig_args(p):
         p.add_argument("--steps", type=int, default=20, help="integration steps m (default 20)")
         p.add_argument("--batch-size", type=int, default=None,
-                       help="rows per forward/backward pass (memory budget; default: 4 layers = 4 x (steps + 1))")
+                       help="rows per forward/backward pass (memory budget; default: 4 whole layers = 4 x (steps + 1))")
         p.add_argument("--score", choices=["prob", "logprob"], default="prob")
 
     p = sub.add_parser("locate", help="knowledge neurons of one fact from its paraphrase prompts")

@@ -40,10 +40,10 @@ def ffn_hooks(arch: ResolvedArch, fn: HookFn, layers: Iterable[int] | None = Non
                 x = args[0]
                 flat = None
                 if x.dim() == 2 and _layer in shapes:  # e.g. OPT flattens [batch*seq, d_ff] before fc2
-                    b, s = shapes[_layer]
-                    if b * s == x.shape[0]:
+                    _, s = shapes[_layer]
+                    if s > 0 and x.shape[0] % s == 0:
                         flat = x.shape
-                        x = x.reshape(b, s, x.shape[-1])
+                        x = x.reshape(x.shape[0] // s, s, x.shape[-1])
                 new = fn(_layer, x)
                 if new is None:
                     return None
@@ -115,27 +115,69 @@ def _map_tensors(obj, f):
     return obj
 
 
-@contextlib.contextmanager
-def replay_layers(arch: ResolvedArch, outputs: dict[int, object], rows: int):
-    """Replace the forward of each block in ``outputs`` by its cached clean output, expanded to ``rows``.
+def _expand(t: torch.Tensor, rows: int) -> torch.Tensor:
+    return t.expand(rows, *t.shape[1:]).contiguous() if t.dim() > 0 and t.shape[0] == 1 else t
 
-    Valid only when every row's input to those blocks equals the clean run's (true below the lowest patched
-    layer). The cached outputs must have batch size 1.
+
+def _slice_rows(obj, n: int, rows: int):
+    """The first ``n`` rows of every batch-shaped tensor (``dim >= 2`` with ``rows`` rows) in ``obj``."""
+    if isinstance(obj, torch.Tensor):
+        return obj[:n] if obj.dim() >= 2 and obj.shape[0] == rows else obj
+    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+        return tuple(_slice_rows(o, n, rows) for o in obj)
+    if isinstance(obj, list):
+        return [_slice_rows(o, n, rows) for o in obj]
+    return obj
+
+
+def _join_rows(computed, cached, n: int):
+    """Rows ``:n`` from ``computed``, rows ``n:`` from ``cached`` (same structure)."""
+    if isinstance(computed, torch.Tensor) and isinstance(cached, torch.Tensor):
+        if computed.dim() >= 1 and computed.shape[0] == n and cached.shape[0] > n:
+            return torch.cat([computed, cached[n:].to(computed.dtype)], 0)
+        return computed
+    if isinstance(computed, tuple) and isinstance(cached, tuple) and len(computed) == len(cached):
+        joined = [_join_rows(a, b, n) for a, b in zip(computed, cached)]
+        return type(computed)(*joined) if hasattr(computed, "_fields") else tuple(joined)
+    return computed
+
+
+@contextlib.contextmanager
+def replay_layers(arch: ResolvedArch, outputs: dict[int, object], rows: int, active: dict[int, int] | None = None):
+    """Skip recomputing blocks whose rows are all (or partly) clean.
+
+    ``outputs[j]`` is block ``j``'s output in the clean run (batch 1). ``active[j]`` (default 0) is how many
+    *leading* rows of the batch really need block ``j``: 0 replays the cached output for every row; ``0 < n <
+    rows`` runs the block on the first ``n`` rows only (every batch-shaped argument is cut to them; a KV cache
+    passed in must already hold ``n`` rows for that block) and fills the other rows from the cache. Valid only
+    when the rows left out see exactly the clean run's input at block ``j`` (true below each row's patched
+    layer, when rows are sorted by patched layer).
     """
     saved = []
+    active = active or {}
     try:
         for layer, out in outputs.items():
+            n = int(active.get(layer, 0))
+            if n >= rows:
+                continue
             module = arch.layers[layer]
-            expanded = _map_tensors(out, lambda t: t.expand(rows, *t.shape[1:]) if t.dim() > 0 and t.shape[0] == 1 else t)
+            expanded = _map_tensors(out, lambda t: _expand(t, rows))
+            if n <= 0:
+                def fwd(*args, _out=expanded, **kwargs):
+                    return _out
+            else:
+                original = module.forward
 
-            def fwd(*args, _out=expanded, **kwargs):
-                return _out
+                def fwd(*args, _out=expanded, _n=n, _orig=original, **kwargs):
+                    args = _slice_rows(args, _n, rows)
+                    kwargs = {k: _slice_rows(v, _n, rows) for k, v in kwargs.items()}
+                    return _join_rows(_orig(*args, **kwargs), _out, _n)
 
             saved.append((module, module.__dict__.get("forward")))
             module.forward = fwd
         yield
     finally:
-        for module, old in saved:
+        for module, old in reversed(saved):
             if old is None:
                 del module.forward
             else:
