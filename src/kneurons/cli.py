@@ -354,7 +354,7 @@ def cmd_demo(args) -> int:
     new = next((o for _, o, _ in same if o != obj), None)
     if new is None:
         return 0
-    print(f"\n== 4. Update <{subj}, {rel.id}, {obj}> -> {new} in the neurons' value slots, then revert ==")
+    print(f"\n== 4. Update <{subj}, {rel.id}, {obj}> -> {new} in the neurons' value slots (each edit reverted) ==")
     intra_p = [ps[0] for _, _, ps in same]
     intra_t = [o for _, o, _ in same]
     inter_p = [ps[0] for _, _, ps in other]
@@ -369,13 +369,15 @@ def cmd_demo(args) -> int:
                 "intra-relation ppl": perplexity(handle, intra_p, intra_t),
                 "inter-relation ppl": perplexity(handle, inter_p, inter_t)}
 
-    before = state()
-    edit = update_fact(handle, kn, obj, new, prompt=prompts[0])
-    after = state()
-    print(_table([{"": "before", **before}, {"": "after update", **after}]))
-    print(f"top prediction after the update: " + "; ".join(
-        f"{a.prompt!r} -> {a.top[0].token.strip()}" for a in assess(handle, prompts, new)))
-    edit.revert()
+    rows = [{"": "before", **state()}]
+    tops = {}
+    for lam2 in (8.0, 2.0, 1.0):  # the authors' lambda2 = 8 first, then milder edits
+        with update_fact(handle, kn, obj, new, prompt=prompts[0], lambda1=1.0, lambda2=lam2):
+            rows.append({"": f"after (l1=1, l2={lam2:g})", **state()})
+            tops[lam2] = [a.top[0].token.strip() for a in assess(handle, prompts, new)]
+    print(_table(rows, floatfmt="{:.4g}"))
+    for lam2, t in tops.items():
+        print(f"top-1 answers after the update with l2={lam2:g}: {', '.join(t)}")
     same_weights = weights_digest(handle.model) == digest
     print(f"reverted: every weight bit-identical to before: {'yes' if same_weights else 'NO'}")
     if not same_weights:
