@@ -40,7 +40,7 @@ def exactness(device) -> bool:
         errs = []
         for bs in (9, 1000):
             a = integrated_gradients(h, prompt, target, steps=8, batch_size=bs)
-            errs.append(float((a.scores - ref.cpu()).abs().max() / ref.abs().max()))
+            errs.append(float((a.scores - ref.cpu()).abs().max() / ref.cpu().abs().max()))
         p0 = score(h, [prompt], target)[0].prob
         with torch.no_grad():
             p1 = score(h, [prompt], target, suppress(h, [(0, 1), (1, 2)]))[0].prob

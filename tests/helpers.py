@@ -27,8 +27,6 @@ def word_tokenizer(kind: str, words=WORDS) -> PreTrainedTokenizerFast:
 
 def handle_for(model_type: str, dtype=None, seed: int = 0):
     """A ModelHandle over a tiny random model of ``model_type`` with a word-level tokenizer."""
-    import torch
-
     from kneurons import ModelHandle
     from kneurons.architectures import ARCHITECTURES
     from tiny import tiny_model

@@ -8,8 +8,9 @@ def naive_ig(handle, prompt, target, steps=20, score="prob"):
     """Dai et al. eq. 3 written out literally: one full forward+backward per (layer, step)."""
     enc = encode(handle, prompt, target)
     model, arch = handle.model, handle.arch
-    ids = torch.tensor([enc.input_ids])
-    pos = torch.tensor(enc.score_positions); tgt = torch.tensor(enc.target_ids)
+    dev = next(model.parameters()).device
+    ids = torch.tensor([enc.input_ids], device=dev)
+    pos = torch.tensor(enc.score_positions, device=dev); tgt = torch.tensor(enc.target_ids, device=dev)
     acts = {}
     def grab(l, x): acts[l] = x[0, enc.blank].detach().clone()
     with torch.no_grad(), ffn_hooks(arch, grab):

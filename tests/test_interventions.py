@@ -145,6 +145,7 @@ def test_edited_model_saves_and_reloads(tmp_path):
     edited = weights_digest(h.model)
     d = save_edited(h, tmp_path / "edited")
     back = load_model(str(d))
+    assert weights_digest(back.model) == edited  # the reloaded model is the edited one, bit for bit
     assert torch.equal(back.arch.value_slots(0)[4], h.arch.value_slots(0)[4])
     edit.revert()
     assert not torch.equal(back.arch.value_slots(0)[4], h.arch.value_slots(0)[4])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import handle_for, word_tokenizer
+from helpers import handle_for
 from kneurons import assess, encode, parse_cloze
 from kneurons.errors import KneuronsError
 

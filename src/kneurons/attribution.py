@@ -30,7 +30,6 @@ import copy
 import inspect
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +39,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from ._io import atomic_write
 from .errors import KneuronsError
 from .hooks import capture_layer_outputs, ffn_hooks, frozen_parameters, replay_layers
 from .prompts import Encoded, encode
@@ -52,8 +52,13 @@ DEFAULT_LAYERS_PER_PASS = 4  # fastest on a 2-core CPU for GPT-2, BERT-base and 
 DEFAULT_TOKENS_PER_PASS = 2048  # and at most this many row-positions per pass (memory ~ this x layers)
 
 
-def default_rows_per_pass(steps: int, positions: int) -> int:
+DEFAULT_TOKENS_PER_PASS_GPU = 16384  # on a GPU bigger passes win (H200: all 252 rows of BERT-base in one pass)
+
+
+def default_rows_per_pass(steps: int, positions: int, device: str = "cpu") -> int:
     """Rows per forward/backward pass when ``batch_size`` is not given."""
+    if str(device).startswith("cuda"):
+        return max(steps + 1, DEFAULT_TOKENS_PER_PASS_GPU // max(1, positions))
     return max(steps + 1, min(DEFAULT_LAYERS_PER_PASS * (steps + 1), DEFAULT_TOKENS_PER_PASS // max(1, positions)))
 
 
@@ -128,21 +133,10 @@ class Attribution:
         """Write one safetensors file (tensors + JSON metadata), atomically."""
         from safetensors.torch import save_file
 
-        path = Path(path)
-        if path.exists() and not overwrite:
-            raise KneuronsError(f"{path} exists (pass overwrite=True / --overwrite to replace it)")
-        if not path.parent.exists():
-            raise KneuronsError(f"directory does not exist: {path.parent}")
         tensors = {"scores": self.scores.contiguous(), "activations": self.activations.contiguous(),
                    "baseline_scores": self.baseline_scores.contiguous()}
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        try:
-            save_file(tensors, str(tmp), metadata={"kneurons": json.dumps(self._meta())})
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        return path
+        return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"kneurons": json.dumps(self._meta())}),
+                            overwrite)
 
     @classmethod
     def load(cls, path) -> "Attribution":
@@ -353,9 +347,8 @@ def integrated_gradients(handle, prompt: str, target: str, steps: int = 20, scor
     grad_sum = torch.zeros(L, arch.d_ff, dtype=torch.float64 if W.dtype == torch.float64 else torch.float32,
                            device=W.device)
     layer_zero = torch.full((L,), float("nan"), dtype=torch.float64)
-    n_rows = len(row_layer)
     with frozen_parameters(model):
-        rows_per_pass = batch_size or default_rows_per_pass(steps, run.ids.shape[1])
+        rows_per_pass = batch_size or default_rows_per_pass(steps, run.ids.shape[1], handle.device.type)
         for start, stop in _chunks(len(layers), steps + 1, rows_per_pass):
             rl = row_layer[start:stop]
             rk = row_k[start:stop]
@@ -381,11 +374,11 @@ def integrated_gradients(handle, prompt: str, target: str, steps: int = 20, scor
             cached = {j: outputs[j] for j in range(L) if active[j] < R} if replay else {}
             if not replay:
                 active = {j: R for j in range(L)}
-            def run_chunk(active, cached):
-                with torch.enable_grad(), ffn_hooks(arch, patch, present), replay_layers(arch, cached, R, active):
-                    lp = run.logprob(run.forward(R, active))
+            def run_chunk(active, cached, _scaled=scaled, _patch=patch, _present=present, _R=R):
+                with torch.enable_grad(), ffn_hooks(arch, _patch, _present), replay_layers(arch, cached, _R, active):
+                    lp = run.logprob(run.forward(_R, active))
                     s = lp.exp() if score == "prob" else lp
-                    (g,) = torch.autograd.grad(s.sum(), scaled)
+                    (g,) = torch.autograd.grad(s.sum(), _scaled)
                 return s, g
 
             try:

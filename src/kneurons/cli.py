@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from . import __version__
+from ._io import check_target
 from .errors import KneuronsError
 
 
@@ -36,13 +37,8 @@ def _load(args):
 
 
 def _check_out(path: str | None, overwrite: bool) -> None:
-    if path is None:
-        return
-    p = Path(path)
-    if p.exists() and not overwrite:
-        raise KneuronsError(f"{p} exists (use --overwrite to replace it)")
-    if not p.parent.exists():
-        raise KneuronsError(f"directory does not exist: {p.parent}")
+    if path is not None:
+        check_target(path, overwrite)
 
 
 def cmd_predict(args) -> int:
@@ -105,7 +101,7 @@ def _progress_bar(total: int, desc: str):
 def cmd_locate(args) -> int:
     from .attribution import rows_per_prompt
     from .neurons import locate
-    from .prompts import assess, encode
+    from .prompts import encode
 
     _check_out(args.save, args.overwrite)
     handle = _load(args)
@@ -183,7 +179,7 @@ def cmd_intervene(args) -> int:
 
 
 def cmd_update(args) -> int:
-    from .interventions import perplexity, save_edited, success, update_fact, weights_digest
+    from .interventions import perplexity, save_edited, update_fact, weights_digest
     from .prompts import assess
 
     _check_model_dir(args.save_model)

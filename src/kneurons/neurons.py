@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import json
-import os
 import random
 import time
 from collections import Counter
@@ -24,6 +23,7 @@ import torch
 
 from . import __version__
 from .attribution import DEFAULT_BATCH_SIZE, Attribution, integrated_gradients, model_info
+from ._io import atomic_write
 from .errors import KneuronsError
 from .hooks import ffn_hooks
 from .prompts import encode
@@ -133,19 +133,7 @@ class KnowledgeNeurons:
                 "params": self.params, "model": self.model, "version": self.version, "created": self.created}
 
     def save(self, path, overwrite: bool = False) -> Path:
-        path = Path(path)
-        if path.exists() and not overwrite:
-            raise KneuronsError(f"{path} exists (pass overwrite=True / --overwrite to replace it)")
-        if not path.parent.exists():
-            raise KneuronsError(f"directory does not exist: {path.parent}")
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        try:
-            tmp.write_text(json.dumps(self.as_dict(), indent=1))
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        return path
+        return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(self.as_dict(), indent=1)), overwrite)
 
     @classmethod
     def load(cls, path) -> "KnowledgeNeurons":
@@ -210,7 +198,7 @@ def blank_activations(handle, prompt: str, target: str) -> torch.Tensor:
         acts[layer] = x[0, enc.blank].detach().float().cpu().clone()
 
     with torch.inference_mode(), ffn_hooks(handle.arch, grab):
-        logits = handle.model(input_ids=torch.tensor([enc.input_ids], device=handle.device)).logits
+        handle.model(input_ids=torch.tensor([enc.input_ids], device=handle.device))
     return torch.stack([acts[l] for l in range(handle.n_layers)])
 
 

@@ -16,7 +16,6 @@ object goes. Most templates end with the blank, so causal models can score them;
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -27,8 +26,9 @@ __all__ = ["Fact", "Relation", "FactSet", "load_facts", "DEFAULT_FACTS"]
 
 DEFAULT_FACTS = "facts.json"
 RELATION_TYPES = ("1-1", "N-1", "N-M")
-# Only whitespace / punctuation / closing quotes or brackets may follow the blank of a causal template.
-_TRAILING_OK = re.compile(r"^[\s\.\?\!,;:\"'\)\]\}»”’…\-]*$")
+# Only whitespace / punctuation / closing quotes or brackets may follow the blank of a causal template
+# (the same rule as kneurons.prompts.encode).
+from ..prompts import _TRAILING_OK  # noqa: E402
 
 
 @dataclass(frozen=True)
