@@ -145,6 +145,17 @@ def test_embedded_default_model(smol):
 
 
 @pytest.mark.slow
+def test_cached_tokenizer_equals_auto_tokenizer(smol):
+    from transformers import AutoTokenizer
+
+    auto = AutoTokenizer.from_pretrained(models._gguf_to_cache(models._embedded_gguf("smollm2-135m")))
+    for text in ["The capital of France is", " Paris", "naïve café — 1984!", "<|im_start|>user\nhi<|im_end|>"]:
+        assert smol.tokenizer(text)["input_ids"] == auto(text)["input_ids"]
+    for attr in ("bos_token", "eos_token", "unk_token", "pad_token", "mask_token"):
+        assert getattr(smol.tokenizer, attr) == getattr(auto, attr), attr
+
+
+@pytest.mark.slow
 def test_embedded_model_knows_paris(smol):
     from kneurons import assess
 

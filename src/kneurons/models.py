@@ -136,14 +136,16 @@ def load_model(spec: str | os.PathLike | None = None, dtype: torch.dtype | str |
     if spec in EMBEDDED:
         gguf_path = _embedded_gguf(spec)
         directory = _gguf_to_cache(gguf_path)
-        return _load_dir(directory, spec, dtype, device, device_map, arch_overrides, fallback, source=str(gguf_path))
+        return _load_dir(directory, spec, dtype, device, device_map, arch_overrides, fallback, source=str(gguf_path),
+                         cached=True)
     path = Path(spec).expanduser()
     looks_like_path = (spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") > 1
                        or "\\" in spec)
     if path.exists():
         if path.is_file():
             directory = _gguf_to_cache(path)
-            return _load_dir(directory, path.name, dtype, device, device_map, arch_overrides, fallback, source=str(path))
+            return _load_dir(directory, path.name, dtype, device, device_map, arch_overrides, fallback, source=str(path),
+                             cached=True)
         if not (path / "config.json").exists():
             raise KneuronsError(f"model directory {spec} has no config.json")
         return _load_dir(path, path.name, dtype, device, device_map, arch_overrides, fallback, source=str(path))
@@ -275,7 +277,7 @@ def _kind_of(config) -> str:
 
 
 def _load_dir(directory: Path, name: str, dtype, device, device_map, arch_overrides, fallback, source: str,
-              **kw) -> ModelHandle:
+              cached: bool = False, **kw) -> ModelHandle:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
     with _quiet():
@@ -286,7 +288,14 @@ def _load_dir(directory: Path, name: str, dtype, device, device_map, arch_overri
         kind = _kind_of(config)
         auto = AutoModelForMaskedLM if kind == "masked" else AutoModelForCausalLM
         try:
-            tokenizer = AutoTokenizer.from_pretrained(str(directory), **kw)
+            if cached and (Path(directory) / "tokenizer.json").exists():
+                # our own cache entries hold a plain fast tokenizer: loading it directly skips AutoTokenizer's
+                # class resolution (~1 s), with the same vocabulary and special tokens
+                from transformers import PreTrainedTokenizerFast
+
+                tokenizer = PreTrainedTokenizerFast.from_pretrained(str(directory))
+            else:
+                tokenizer = AutoTokenizer.from_pretrained(str(directory), **kw)
             args = {"dtype": dtype}
             if device_map is not None:
                 args["device_map"] = device_map
