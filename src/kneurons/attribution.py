@@ -20,7 +20,7 @@ How it is fast — the numbers are those of the plain definition (tests compare 
 4. rows of all layers and steps share batches (sorted by layer, cut into ``batch_size`` rows);
 5. gradients flow only to the scaled activations: parameters are frozen during attribution.
 
-A row with ``alpha = 0`` per layer is added to report completeness: ``sum_i Attr_i`` vs ``P(w) - P(0)``.
+A forward-only row with ``alpha = 0`` per layer reports completeness: ``sum_i Attr_i`` vs ``P(w) - P(0)``.
 """
 
 from __future__ import annotations
@@ -341,66 +341,72 @@ def integrated_gradients(handle, prompt: str, target: str, steps: int = 20, scor
     base_lp = run.logprob(logits)[0]
     base = float(base_lp.exp() if score == "prob" else base_lp)
 
-    # 2. rows: (layer, k) for k = 0..steps, sorted by layer
-    row_layer = torch.tensor([l for l in layers for _ in range(steps + 1)])
-    row_k = torch.tensor([k for _ in layers for k in range(steps + 1)])
+    # 2. rows: (layer, k) for k = 1..steps, sorted by layer; then one forward-only row per layer at alpha = 0
+    row_layer = torch.tensor([l for l in layers for _ in range(steps)])
+    row_k = torch.tensor([k for _ in layers for k in range(1, steps + 1)])
     grad_sum = torch.zeros(L, arch.d_ff, dtype=torch.float64 if W.dtype == torch.float64 else torch.float32,
                            device=W.device)
     layer_zero = torch.full((L,), float("nan"), dtype=torch.float64)
-    with frozen_parameters(model):
-        rows_per_pass = batch_size or default_rows_per_pass(steps, run.ids.shape[1], handle.device.type)
-        for start, stop in _chunks(len(layers), steps + 1, rows_per_pass):
-            rl = row_layer[start:stop]
-            rk = row_k[start:stop]
-            R = len(rl)
-            alpha = (rk.to(W.dtype) / steps).to(W.device)
-            scaled = (alpha[:, None] * W[rl.to(W.device)]).requires_grad_(True)
-            present = sorted(set(rl.tolist()))
-            sel_by_layer = {l: (rl == l).nonzero()[:, 0].to(W.device) for l in present}
+    rows_per_pass = batch_size or default_rows_per_pass(steps, run.ids.shape[1], handle.device.type)
 
-            def patch(layer, x, _sel=sel_by_layer, _scaled=scaled):
-                sel = _sel.get(layer)
-                if sel is None:
-                    return None
-                x = x.clone()
-                x[sel, run.blank] = _scaled[sel].to(x.dtype)
-                return x
+    def run_rows(rl: torch.Tensor, alpha: torch.Tensor, need_grad: bool):
+        """Score rows (layer ``rl[r]`` scaled by ``alpha[r]`` at the blank); gradients w.r.t. the scaled rows."""
+        R = len(rl)
+        scaled = alpha.to(W.dtype).to(W.device)[:, None] * W[rl.to(W.device)]
+        if need_grad:
+            scaled.requires_grad_(True)
+        present = sorted(set(rl.tolist()))
+        sel_by_layer = {l: (rl == l).nonzero()[:, 0].to(W.device) for l in present}
 
-            # block j runs only for the rows patched at or below j (rows are sorted by layer); the others
-            # take block j's clean output from the cache
+        def patch(layer, x):
+            sel = sel_by_layer.get(layer)
+            if sel is None:
+                return None
+            x = x.clone()
+            x[sel, run.blank] = scaled[sel].to(x.dtype)
+            return x
+
+        def attempt(active, cached):
+            with (torch.enable_grad() if need_grad else torch.no_grad()), ffn_hooks(arch, patch, present), \
+                    replay_layers(arch, cached, R, active):
+                lp = run.logprob(run.forward(R, active))
+                s = lp.exp() if score == "prob" else lp
+                g = torch.autograd.grad(s.sum(), scaled)[0] if need_grad else None
+            return s.detach(), g
+
+        if not replay:
+            return attempt({j: R for j in range(L)}, {})
+        # block j runs only for the rows patched at or below j (rows are sorted by layer); the others take
+        # block j's clean output from the cache
+        if run.staircase_ok:
             active = {j: int((rl <= j).sum()) for j in range(L)}
-            if not (replay and run.staircase_ok):
-                active = {j: (0 if j < present[0] else R) for j in range(L)}
-            cached = {j: outputs[j] for j in range(L) if active[j] < R} if replay else {}
-            if not replay:
-                active = {j: R for j in range(L)}
-            def run_chunk(active, cached, _scaled=scaled, _patch=patch, _present=present, _R=R):
-                with torch.enable_grad(), ffn_hooks(arch, _patch, _present), replay_layers(arch, cached, _R, active):
-                    lp = run.logprob(run.forward(_R, active))
-                    s = lp.exp() if score == "prob" else lp
-                    (g,) = torch.autograd.grad(s.sum(), _scaled)
-                return s, g
-
             try:
-                s, g = run_chunk(active, cached)
+                return attempt(active, {j: outputs[j] for j in range(L) if active[j] < R})
             except RuntimeError:
-                if not (replay and run.staircase_ok and any(0 < n < R for n in active.values())):
+                if not any(0 < n < R for n in active.values()):
                     raise
                 # this model passes batch-shaped data that cannot be cut to the active rows (e.g. BLOOM's
                 # ALiBi bias, [batch * heads, ...]): run whole blocks from here on, replaying only below
                 run.staircase_ok = False
-                s, g = run_chunk({j: (0 if j < present[0] else R) for j in range(L)},
-                                 {j: outputs[j] for j in range(present[0])})
-            g = g.detach().to(grad_sum.dtype)
-            pos = rk > 0
-            if pos.any():
-                grad_sum.index_add_(0, rl[pos].to(grad_sum.device), g[pos.to(g.device)])
-            zero = (rk == 0).nonzero()[:, 0]
-            for r in zero.tolist():
-                layer_zero[int(rl[r])] = float(s[r].detach())
-            del s, g, scaled
+        return attempt({j: (0 if j < present[0] else R) for j in range(L)},
+                       {j: outputs[j] for j in range(present[0])})
+
+    with frozen_parameters(model):
+        for start, stop in _chunks(len(layers), steps, rows_per_pass):
+            rl, rk = row_layer[start:stop], row_k[start:stop]
+            _, g = run_rows(rl, rk.double() / steps, need_grad=True)
+            grad_sum.index_add_(0, rl.to(grad_sum.device), g.detach().to(grad_sum.dtype))
+            del g
             if progress is not None:
-                progress(R)
+                progress(len(rl))
+        # completeness diagnostic: the score with layer l's blank activation set to 0, forward only
+        zl = torch.tensor(layers)
+        for start, stop in _chunks(len(layers), 1, rows_per_pass):
+            s0, _ = run_rows(zl[start:stop], torch.zeros(stop - start), need_grad=False)
+            for i, l in enumerate(zl[start:stop].tolist()):
+                layer_zero[l] = float(s0[i])
+            if progress is not None:
+                progress(stop - start)
     if was_training:
         model.train()
     scores = (W.to(grad_sum.dtype) * grad_sum / steps)
