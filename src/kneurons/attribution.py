@@ -186,7 +186,8 @@ class _Runner:
         if self.kv:
             self.cache_kw = _cache_kwarg(self.model)
             with torch.no_grad():
-                out = self.model(input_ids=ids[:, : enc.blank], use_cache=True)
+                extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(self.model.forward).parameters else {}
+                out = self.model(input_ids=ids[:, : enc.blank], use_cache=True, **extra)  # only the KV cache is used
             self.cache = _out_cache(out)
             if self.cache is None or not hasattr(self.cache, "batch_repeat_interleave"):
                 self.kv = False
@@ -210,10 +211,12 @@ class _Runner:
         self.sliced = False  # set when the cut really happened (checked after the clean run)
         self.pos_full = torch.tensor(self.positions, device=dev)
         self.pos_t = torch.arange(len(self.positions), device=dev) if self.slice_ok else self.pos_full
+        self.positions_are_range = self.slice_ok or self.positions == list(range(len(self.positions)))
 
     def disable_slicing(self) -> None:
         self.slice_ok = False
         self.pos_t = self.pos_full
+        self.positions_are_range = self.positions == list(range(len(self.positions)))
 
     def _cache_for(self, rows: int, active: dict[int, int] | None = None):
         """A private KV cache of the prefix, repeated to ``rows`` (the repeated tensors are built once per size;
@@ -265,11 +268,14 @@ class _Runner:
                 handle.remove()
 
     def logprob(self, logits: torch.Tensor) -> torch.Tensor:
-        sel = logits[:, self.pos_t]  # [rows, T, vocab]
+        """``sum_j log p(target_j)`` per row, as ``z_t - logsumexp(z)`` (no full log-softmax tensor)."""
+        n = len(self.positions)
+        whole = logits.shape[1] == n and self.positions_are_range
+        sel = logits if whole else logits[:, self.pos_t]  # [rows, T, vocab]
         if sel.dtype in (torch.float16, torch.bfloat16):
             sel = sel.float()
-        lp = torch.log_softmax(sel, dim=-1)
-        return lp[:, torch.arange(len(self.positions), device=lp.device), self.tgt_t].sum(-1)
+        tgt = self.tgt_t.view(1, n, 1).expand(sel.shape[0], n, 1)
+        return (sel.gather(-1, tgt)[..., 0] - torch.logsumexp(sel, dim=-1)).sum(-1)
 
 
 def _chunks(n_layers: int, per_layer: int, batch_size: int):
