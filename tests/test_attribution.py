@@ -215,3 +215,24 @@ def test_attribute_many_prompts():
     assert [r.target for r in res] == ["paris", "france"]
     with pytest.raises(KneuronsError, match="targets"):
         attribute(h, [PROMPT], ["a", "b"])
+
+
+def test_half_precision_keeps_small_probabilities():
+    """fp16: the gradient of an unlikely target's probability would underflow; dP = P dlogP does not."""
+    h32 = handle_for("llama", dtype=torch.float32)
+    h16 = handle_for("llama", dtype=torch.float16)
+    target = "paris berlin rome"  # three tokens: a tiny joint probability on a random model
+    a32 = integrated_gradients(h32, PROMPT, target, steps=4)
+    a16 = integrated_gradients(h16, PROMPT, target, steps=4)
+    assert a32.base_prob < 1e-5
+    assert (a16.scores != 0).float().mean() > 0.9
+    assert _rel_err(a16.scores.double(), a32.scores.double()) < 0.05
+
+
+def test_works_inside_inference_mode_and_restores_mode():
+    h = handle_for("gpt2")
+    h.model.train()
+    with torch.inference_mode():
+        a = integrated_gradients(h, PROMPT, "paris", steps=2)
+    assert a.scores.abs().sum() > 0 and h.model.training
+    assert all(p.requires_grad for p in h.model.parameters())

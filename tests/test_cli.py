@@ -80,3 +80,8 @@ def test_console_script_exit_code(model_dir):
     assert p.returncode == 2 and p.stderr.strip().splitlines()[-1].startswith("kneurons: error: prompt has no blank")
     p = subprocess.run([exe, "--version"], capture_output=True, text=True)
     assert p.returncode == 0 and "kneurons" in p.stdout
+
+
+def test_intervention_without_target_is_a_one_line_error(capsys, model_dir):
+    code, out, err = run(capsys, "suppress", "--model", model_dir, "--steps", "2", "a b c ___", "b c d ___")
+    assert code == 2 and "no target" in err

@@ -176,3 +176,29 @@ def test_perplexity_is_exp_mean_nll():
     prompts, targets = [PROMPT, "paris is the capital of ___"], ["paris", "france"]
     lps = [a.logprob for a in score(h, prompts, targets)]
     assert perplexity(h, prompts, targets) == pytest.approx(math.exp(-sum(lps) / 2))
+
+
+def test_assess_inside_an_intervention_and_no_reentry():
+    from kneurons import assess
+
+    h = handle_for("llama", dtype=torch.float64)
+    iv = amplify(h, [(0, 3), (1, 4)], factor=2.0)
+    with iv:
+        inside = assess(h, [PROMPT], "paris")[0].prob  # assess publishes the blank position itself
+        assert score(h, [PROMPT], "paris", iv)[0].prob == inside  # already active: not entered twice
+        with pytest.raises(KneuronsError, match="already active"):
+            iv.__enter__()
+    assert inside == pytest.approx(_manual(h, PROMPT, "paris", [(0, 3), (1, 4)], 2.0, "blank"), rel=1e-10)
+    assert all(not m._forward_pre_hooks for m in h.arch.ffn_out)
+
+
+def test_overlapping_edits_must_be_reverted_last_first():
+    h = handle_for("llama")
+    before = weights_digest(h.model)
+    e1 = update_fact(h, [(0, 4)], "paris", "berlin", prompt=PROMPT)
+    e2 = erase_relation(h, [[(0, 4)]], min_facts=1)
+    with pytest.raises(KneuronsError, match="reverse order"):
+        e1.revert()
+    e2.revert()
+    e1.revert()
+    assert weights_digest(h.model) == before

@@ -278,6 +278,12 @@ class _Runner:
         return (sel.gather(-1, tgt)[..., 0] - torch.logsumexp(sel, dim=-1)).sum(-1)
 
 
+def _is_oom(exc: BaseException) -> bool:
+    oom = tuple(t for t in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None))
+                if isinstance(t, type))
+    return isinstance(exc, oom) or "out of memory" in str(exc).lower()
+
+
 def _chunks(n_layers: int, per_layer: int, batch_size: int):
     """Row ranges of the (layer-sorted) rows: whole layers per chunk when ``batch_size >= per_layer`` (so the
     replay of lower blocks is never wasted), else pieces of one layer."""
@@ -302,17 +308,29 @@ def _check_params(steps, score, batch_size):
 
 
 def integrated_gradients(handle, prompt: str, target: str, steps: int = 20, score: str = "prob",
-                         batch_size: int = DEFAULT_BATCH_SIZE, layers=None, use_cache: bool = True,
+                         batch_size: int | None = DEFAULT_BATCH_SIZE, layers=None, use_cache: bool = True,
                          replay: bool = True, slice_head: bool = True,
                          progress: Callable[[int], None] | None = None) -> Attribution:
     """Attribute ``target`` at the blank of ``prompt`` to every FFN neuron of ``layers`` (default all).
 
     ``batch_size`` bounds the rows (layer x step) per forward/backward pass — the memory budget; results do not
     depend on it. Chunks hold whole layers when ``batch_size >= steps + 1``; the default (``None``) is four
-    layers per pass (fastest in ``benchmarks/``), fewer if that exceeds ``DEFAULT_TOKENS_PER_PASS`` row-positions. Within a pass, block ``j`` runs only for the rows patched at or below ``j``. ``use_cache``/``replay`` switch the KV-cache and lower-layer replay shortcuts (on by default;
-    the results are the same either way; so does ``slice_head``, which applies the LM head to the scored positions
-    only when the whole sequence runs). ``progress(n)`` is called with the number of rows just finished.
+    layers per pass on CPU (fastest in ``benchmarks/``) and larger passes on a GPU. ``use_cache``/``replay``/
+    ``slice_head`` switch the shortcuts off (the results are the same either way). ``progress(n)`` is called
+    with the number of rows just finished. Works inside ``torch.inference_mode()``; the model's train/eval mode
+    and its parameters' ``requires_grad`` are restored afterwards, also on error.
     """
+    was_training = handle.model.training
+    try:
+        with torch.inference_mode(False):
+            return _integrated_gradients(handle, prompt, target, steps, score, batch_size, layers, use_cache, replay,
+                                         slice_head, progress)
+    finally:
+        handle.model.train(was_training)
+
+
+def _integrated_gradients(handle, prompt, target, steps, score, batch_size, layers, use_cache, replay, slice_head,
+                          progress) -> Attribution:
     _check_params(steps, score, batch_size)
     arch = handle.arch
     L = arch.n_layers
@@ -322,7 +340,6 @@ def integrated_gradients(handle, prompt: str, target: str, steps: int = 20, scor
     enc = encode(handle, prompt, target)
     _check_producible(handle, enc)
     model = handle.model
-    was_training = model.training
     model.eval()
     run = _Runner(handle, enc, use_cache, slice_head)
 
@@ -335,8 +352,8 @@ def integrated_gradients(handle, prompt: str, target: str, steps: int = 20, scor
     try:
         with torch.no_grad(), ffn_hooks(arch, grab), capture_layer_outputs(arch, range(L)) as outputs:
             logits = run.forward(1)
-    except RuntimeError:
-        if not run.slice_ok:
+    except RuntimeError as exc:
+        if _is_oom(exc) or not run.slice_ok:
             raise
         run.sliced = False
     if run.slice_ok and not run.sliced:  # the model reshapes after its last block: score the full sequence
@@ -376,9 +393,14 @@ def integrated_gradients(handle, prompt: str, target: str, steps: int = 20, scor
             with (torch.enable_grad() if need_grad else torch.no_grad()), ffn_hooks(arch, patch, present), \
                     replay_layers(arch, cached, R, active):
                 lp = run.logprob(run.forward(R, active))
-                s = lp.exp() if score == "prob" else lp
-                g = torch.autograd.grad(s.sum(), scaled)[0] if need_grad else None
-            return s.detach(), g
+                g = torch.autograd.grad(lp.sum(), scaled)[0] if need_grad else None
+            lp = lp.detach().float() if lp.dtype in (torch.float16, torch.bfloat16) else lp.detach()
+            s = lp.exp() if score == "prob" else lp
+            if g is not None and score == "prob":
+                # dP/dw = P * dlogP/dw: the log-probability's gradient stays well scaled in half precision,
+                # where P's own gradient underflows for unlikely targets
+                g = g.to(s.dtype) * s[:, None]
+            return s, g
 
         if not replay:
             return attempt({j: R for j in range(L)}, {})
@@ -388,8 +410,8 @@ def integrated_gradients(handle, prompt: str, target: str, steps: int = 20, scor
             active = {j: int((rl <= j).sum()) for j in range(L)}
             try:
                 return attempt(active, {j: outputs[j] for j in range(L) if active[j] < R})
-            except RuntimeError:
-                if not any(0 < n < R for n in active.values()):
+            except RuntimeError as exc:
+                if _is_oom(exc) or not any(0 < n < R for n in active.values()):
                     raise
                 # this model passes batch-shaped data that cannot be cut to the active rows (e.g. BLOOM's
                 # ALiBi bias, [batch * heads, ...]): run whole blocks from here on, replaying only below
@@ -413,8 +435,6 @@ def integrated_gradients(handle, prompt: str, target: str, steps: int = 20, scor
                 layer_zero[l] = float(s0[i])
             if progress is not None:
                 progress(stop - start)
-    if was_training:
-        model.train()
     scores = (W.to(grad_sum.dtype) * grad_sum / steps)
     mask = torch.zeros(L, dtype=torch.bool)
     mask[layers] = True

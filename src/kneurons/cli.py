@@ -147,7 +147,8 @@ def _neurons_for(args, handle):
     from .attribution import rows_per_prompt
 
     with _progress_bar(rows_per_prompt(handle, args.steps) * len(args.prompts), "locating") as bar:
-        kn = locate(handle, args.prompts, args.target, steps=args.steps, adaptive=True, progress=bar.update)
+        kn = locate(handle, args.prompts, args.target, steps=args.steps, adaptive=True, progress=bar.update,
+                    batch_size=args.batch_size, score=args.score)
     print(f"located {len(kn)} knowledge neurons: {kn.neurons}")
     if not kn.neurons:
         raise KneuronsError("no knowledge neurons found for this fact (try more or better paraphrases)")
@@ -248,7 +249,8 @@ def cmd_erase(args) -> int:
                 prompts = rel.prompts(f, causal=handle.is_causal)
                 if len(prompts) >= 2:
                     sets.append(locate(handle, prompts, f.object, steps=args.steps, adaptive=True,
-                                       keep_attributions=False, progress=bar.update))
+                                       keep_attributions=False, progress=bar.update, batch_size=args.batch_size,
+                                       score=args.score))
     shared = shared_neurons(sets, args.min_facts, args.top_k)
     print(f"{len(shared)} neurons shared by the knowledge neurons of {len(sets)} facts of {rel.id}: {shared}")
     others = [r for r in facts.relations if r.id != rel.id]

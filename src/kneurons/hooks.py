@@ -12,6 +12,7 @@ a batch, so their outputs are replayed from a cached clean run instead of recomp
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from typing import Callable, Iterable
 
 import torch
@@ -19,6 +20,20 @@ import torch
 from .architectures import ResolvedArch
 
 HookFn = Callable[[int, torch.Tensor], "torch.Tensor | None"]
+
+# The blank position of each row of the batch being scored, published by kneurons' scoring functions
+# (assess, measure_intervention) for interventions with position="blank".
+BLANKS: contextvars.ContextVar["torch.Tensor | None"] = contextvars.ContextVar("kneurons_blanks", default=None)
+
+
+@contextlib.contextmanager
+def blank_positions(positions: torch.Tensor):
+    """Publish the blank position of each batch row while a kneurons scoring function runs the model."""
+    token = BLANKS.set(positions)
+    try:
+        yield
+    finally:
+        BLANKS.reset(token)
 
 
 @contextlib.contextmanager

@@ -25,10 +25,9 @@ tokens' unembedding rows (tokenized in the context of the fact's prompt).
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import hashlib
 import math
+import numbers
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -43,18 +42,7 @@ from .prompts import assess, encode
 
 Neuron = tuple[int, int]
 
-# Blank position of each row of the batch being scored, published by kneurons' scoring functions.
-_BLANKS: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("kneurons_blanks", default=None)
-
-
-@contextlib.contextmanager
-def blank_positions(positions: torch.Tensor):
-    """Publish the blank position of each batch row for interventions with ``position='blank'``."""
-    token = _BLANKS.set(positions)
-    try:
-        yield
-    finally:
-        _BLANKS.reset(token)
+from .hooks import BLANKS as _BLANKS  # noqa: E402
 
 
 def _neurons(handle, neurons) -> list[Neuron]:
@@ -74,7 +62,7 @@ class Intervention:
     """Multiply the activations of ``neurons`` by ``factor`` while active (a context manager)."""
 
     def __init__(self, handle, neurons, factor: float, position: str = "blank"):
-        if not isinstance(factor, (int, float)) or not math.isfinite(float(factor)):
+        if not isinstance(factor, numbers.Real) or not math.isfinite(float(factor)):
             raise KneuronsError(f"factor must be a finite number, got {factor!r}")
         if position not in ("blank", "all"):
             raise KneuronsError(f"position must be 'blank' or 'all', got {position!r}")
@@ -96,8 +84,9 @@ class Intervention:
             return x
         blanks = _BLANKS.get()
         if blanks is None:
-            raise KneuronsError("position='blank' needs a kneurons scoring function (assess, measure_intervention); "
-                                "use position='all' for your own forward passes")
+            raise KneuronsError("position='blank' needs a kneurons scoring function (kneurons.assess, "
+                                "measure_intervention) to say where the blank is; use position='all' for your own "
+                                "forward passes")
         rows = torch.arange(x.shape[0], device=x.device)
         b = blanks.to(x.device)
         if b.shape[0] != x.shape[0]:
@@ -107,7 +96,13 @@ class Intervention:
         x[rows, b] = sub
         return x
 
+    @property
+    def active(self) -> bool:
+        return self._ctx is not None
+
     def __enter__(self):
+        if self._ctx is not None:
+            raise KneuronsError("this intervention is already active (it cannot be entered twice)")
         self._ctx = ffn_hooks(self.handle.arch, self._hook, self._by_layer.keys())
         self._ctx.__enter__()
         return self
@@ -134,15 +129,10 @@ def score(handle, prompts: Sequence[str], targets, intervention: Intervention | 
     """:func:`kneurons.assess` with ``intervention`` active (blank positions published per row)."""
     if isinstance(targets, str):
         targets = [targets] * len(prompts)
-    if intervention is None:
+    if intervention is None or intervention.active:
         return assess(handle, list(prompts), list(targets), batch_size=batch_size)
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        ps, ts = list(prompts[start: start + batch_size]), list(targets[start: start + batch_size])
-        blanks = torch.tensor([encode(handle, p, t).blank for p, t in zip(ps, ts)])
-        with blank_positions(blanks), intervention:
-            out += assess(handle, ps, ts, batch_size=len(ps))
-    return out
+    with intervention:  # assess publishes each batch's blank positions
+        return assess(handle, list(prompts), list(targets), batch_size=batch_size)
 
 
 @dataclass
@@ -219,6 +209,8 @@ class Edit:
         self.info = info or {}
         self._saved: list[tuple[int, int, torch.Tensor]] = []
         self.reverted = False
+        stack = handle.__dict__.setdefault("_kneurons_edits", [])
+        stack.append(self)
 
     def _save(self, layer: int, index: int) -> torch.Tensor:
         slot = self.handle.arch.value_slots(layer)[index]
@@ -228,10 +220,16 @@ class Edit:
     def revert(self) -> None:
         if self.reverted:
             raise KneuronsError("this edit was already reverted")
+        stack = self.handle.__dict__.get("_kneurons_edits", [])
+        live = [e for e in stack if not e.reverted]
+        if live and live[-1] is not self:
+            raise KneuronsError("revert edits in reverse order (the last applied first): a later edit is still active")
         with torch.no_grad():
             for layer, index, old in reversed(self._saved):
                 self.handle.arch.value_slots(layer)[index].copy_(old)
         self.reverted = True
+        if self in stack:
+            stack.remove(self)
 
     def __enter__(self):
         return self
@@ -265,7 +263,7 @@ def target_vector(handle, target: str, prompt: str | None = None) -> torch.Tenso
         raise KneuronsError(f"model type {handle.model_type!r}: its output embeddings ({U.shape[1]} wide) are not in "
                             f"the model width ({handle.arch.d_model}); value-slot edits are not defined")
     if prompt is None:
-        prompt = "[Y]" if handle.is_masked else "X [Y]"
+        prompt = "X [Y]"  # a leading space, as after any word (matters for byte-level BPE vocabularies)
     ids = encode(handle, prompt, target).target_ids
     return U[torch.tensor(ids, device=U.device)].detach().double().mean(0)
 
@@ -284,6 +282,9 @@ def update_fact(handle, neurons, old_target: str, new_target: str, prompt: str |
         prompt = neurons.prompts[0]
     e_old = target_vector(handle, old_target, prompt)
     e_new = target_vector(handle, new_target, prompt)
+    for vec, name in ((e_old, old_target), (e_new, new_target)):
+        if not torch.isfinite(vec).all() or float(vec.norm()) == 0:
+            raise KneuronsError(f"target {name!r} has a zero or non-finite output embedding; cannot scale by it")
     edit = Edit(handle, "update", nrns, {"old": old_target, "new": new_target, "lambda1": lambda1,
                                           "lambda2": lambda2})
     with torch.no_grad():
@@ -298,6 +299,8 @@ def update_fact(handle, neurons, old_target: str, new_target: str, prompt: str |
 
 def shared_neurons(neuron_sets: Iterable, min_facts: int | None = 5, top_k: int | None = None) -> list[Neuron]:
     """Neurons appearing in at least ``min_facts`` of the sets, or the ``top_k`` most frequent."""
+    if min_facts is None and top_k is None:
+        raise KneuronsError("give min_facts or top_k")
     counts = Counter(tuple(n) for s in neuron_sets for n in set(map(tuple, getattr(s, "neurons", s))))
     if top_k is not None:
         return sorted(n for n, _ in counts.most_common(int(top_k)))

@@ -154,6 +154,8 @@ class KnowledgeNeurons:
 def _targets_one_fact(prompts, target) -> str:
     if isinstance(prompts, str):
         raise KneuronsError("give a list of paraphrase prompts of one fact")
+    if target is None:
+        raise KneuronsError("no target given (--target)")
     if not isinstance(target, str):
         targets = {str(t).strip() for t in target}
         if len(targets) != 1:
@@ -233,6 +235,9 @@ def random_neurons(handle, like: KnowledgeNeurons | int, seed: int = 0, same_lay
         layers, prompts, target = [None] * int(like), [], ""
         if same_layers:
             raise KneuronsError("same_layers needs a KnowledgeNeurons result to copy the layers from")
+    if len(layers) + len(excluded) > L * D or (same_layers and any(
+            layers.count(l) > D - sum(1 for x in excluded if x[0] == l) for l in set(layers) if l is not None)):
+        raise KneuronsError("random neurons: asked for more neurons than the model has outside the excluded ones")
     chosen: set[Neuron] = set()
     for l in layers:
         while True:

@@ -204,7 +204,9 @@ def assess(handle, prompts, targets, top_k: int = 5, batch_size: int = 32) -> li
     for start in range(0, len(encs), batch_size):
         chunk = encs[start: start + batch_size]
         ids, mask = pad_batch(chunk, pad_id(tok), handle.device)
-        with torch.inference_mode():
+        from .hooks import blank_positions
+
+        with torch.inference_mode(), blank_positions(torch.tensor([e.blank for e in chunk])):
             logits = model(input_ids=ids, attention_mask=mask).logits
         for r, e in enumerate(chunk):
             pos = torch.tensor(e.score_positions, device=logits.device)
