@@ -336,6 +336,15 @@ def _with_subject(text: str, subject: str) -> str:
     return text.replace("{}", subject)
 
 
+def _locality_answers(loc: list[str], answers: list[str], field: str, where: str) -> list[str]:
+    """One answer per locality prompt (a single answer is shared by all of them)."""
+    if len(answers) == 1 and len(loc) > 1:
+        answers = answers * len(loc)
+    if len(answers) != len(loc):
+        raise KneuronsError(f"{where}: field {field!r} has {len(answers)} answers for {len(loc)} locality prompts")
+    return answers
+
+
 def load_counterfact(path: str | Path) -> list[EditCase]:
     """Load CounterFact in the flat form: a JSON list of ``{case_id, prompt, subject, ground_truth, target_new,
     rephrase_prompt, locality_prompt, locality_ground_truth}``.
@@ -362,12 +371,8 @@ def load_counterfact(path: str | Path) -> list[EditCase]:
         target_new = _field_str(rec, "target_new", where)
         rephrase = [_with_subject(s, subject) for s in _field_strs(rec, "rephrase_prompt", where)]
         loc = [_with_subject(s, subject) for s in _field_strs(rec, "locality_prompt", where)]
-        loc_ans = _field_strs(rec, "locality_ground_truth", where)
-        if len(loc_ans) == 1 and len(loc) > 1:
-            loc_ans = loc_ans * len(loc)
-        if len(loc_ans) != len(loc):
-            raise KneuronsError(f"{where}: field 'locality_ground_truth' has {len(loc_ans)} answers for "
-                                f"{len(loc)} locality prompts")
+        loc_ans = _locality_answers(loc, _field_strs(rec, "locality_ground_truth", where), "locality_ground_truth",
+                                    where)
         out.append(EditCase(cid, subject, prompt, target_true, target_new, rephrase, loc, loc_ans))
     return out
 
@@ -420,12 +425,7 @@ def load_zsre(path: str | Path, strip_nq_prefix: bool = False, drop_empty_target
         loc = _field_strs(rec, "loc", where)
         if strip_nq_prefix:
             loc = [s[len(NQ_PREFIX):].strip() if s.startswith(NQ_PREFIX) else s for s in loc]
-        loc_ans = _field_strs(rec, "loc_ans", where)
-        if len(loc_ans) == 1 and len(loc) > 1:
-            loc_ans = loc_ans * len(loc)
-        if len(loc_ans) != len(loc):
-            raise KneuronsError(f"{where}: field 'loc_ans' has {len(loc_ans)} answers for {len(loc)} "
-                                f"locality prompts")
+        loc_ans = _locality_answers(loc, _field_strs(rec, "loc_ans", where), "loc_ans", where)
         meta = {k: rec[k] for k in ("pred", "answers", "cond") if k in rec}
         out.append(EditCase(cid, subject, prompt, target_true, target_new, rephrase, loc, loc_ans, meta))
     return out
