@@ -236,3 +236,10 @@ def test_works_inside_inference_mode_and_restores_mode():
         a = integrated_gradients(h, PROMPT, "paris", steps=2)
     assert a.scores.abs().sum() > 0 and h.model.training
     assert all(p.requires_grad for p in h.model.parameters())
+
+
+def test_model_split_over_devices_is_refused():
+    h = handle_for("gpt2")
+    h.model.hf_device_map = {"transformer.h.0": 0, "transformer.h.1": 1}
+    with pytest.raises(KneuronsError, match="one device"):
+        integrated_gradients(h, PROMPT, "paris", steps=2)

@@ -332,6 +332,9 @@ def integrated_gradients(handle, prompt: str, target: str, steps: int = 20, scor
 def _integrated_gradients(handle, prompt, target, steps, score, batch_size, layers, use_cache, replay, slice_head,
                           progress) -> Attribution:
     _check_params(steps, score, batch_size)
+    devices = set(map(str, (getattr(handle.model, "hf_device_map", None) or {}).values()))
+    if len(devices) > 1:
+        raise KneuronsError(f"integrated gradients needs the model on one device; it is split over {sorted(devices)}")
     arch = handle.arch
     L = arch.n_layers
     layers = list(range(L)) if layers is None else sorted(set(int(l) for l in layers))

@@ -18,6 +18,7 @@ from typing import Callable, Iterable
 import torch
 
 from .architectures import ResolvedArch
+from .errors import KneuronsError
 
 HookFn = Callable[[int, torch.Tensor], "torch.Tensor | None"]
 
@@ -59,6 +60,10 @@ def ffn_hooks(arch: ResolvedArch, fn: HookFn, layers: Iterable[int] | None = Non
                     if s > 0 and x.shape[0] % s == 0:
                         flat = x.shape
                         x = x.reshape(x.shape[0] // s, s, x.shape[-1])
+                if x.dim() != 3:
+                    raise KneuronsError(
+                        f"layer {_layer}: the FFN input has shape {tuple(x.shape)}, not [batch, seq, d_ff] (an unpadded "
+                        "attention implementation?); load the model with attn_implementation='eager' or 'sdpa'")
                 new = fn(_layer, x)
                 if new is None:
                     return None
