@@ -27,7 +27,6 @@ adds or replaces entries; ``resolve(model, overrides=...)`` accepts dotted-path 
 
 from __future__ import annotations
 
-import copy
 import warnings
 from dataclasses import dataclass, field, replace
 
@@ -243,10 +242,6 @@ def _looks_masked(model: nn.Module) -> bool:
     return not bool(getattr(model.config, "is_decoder", False)) and "encoder" in dict(model.named_children()).keys()
 
 
-def lookup(model_type: str) -> ArchSpec | None:
-    return ARCHITECTURES.get(model_type)
-
-
 def resolve(model: nn.Module, overrides: dict | None = None, fallback: bool = True) -> ResolvedArch:
     """Bind the table entry for ``model.config.model_type`` to ``model``.
 
@@ -275,8 +270,3 @@ def resolve(model: nn.Module, overrides: dict | None = None, fallback: bool = Tr
             ov["ffn_in"] = (ov["ffn_in"],)
         spec = replace(spec, **ov)
     return _bind(model, spec, guessed)
-
-
-def table() -> list[ArchSpec]:
-    """A copy of the table, for display."""
-    return [copy.copy(s) for s in ARCHITECTURES.values()]

@@ -73,10 +73,6 @@ def _ids(tokenizer, text: str, special: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
-def target_ids(handle, prompt: str, target: str) -> list[int]:
-    return encode(handle, prompt, target).target_ids
-
-
 def encode(handle, prompt: str, target: str) -> Encoded:
     """Tokenize ``prompt`` (with one blank) and ``target`` for the handle's model kind."""
     tok = handle.tokenizer
@@ -140,22 +136,6 @@ def pad_id(tokenizer) -> int:
         if v is not None:
             return int(v)
     return 0
-
-
-def target_logprob(logits: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor,
-                   valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Sum over target tokens of ``log p(target_j)`` at ``positions[:, j]``.
-
-    ``logits``: ``[rows, seq, vocab]``; ``positions``/``targets``: ``[rows, T]`` (padded); ``valid``: ``[rows, T]``
-    bool mask of real target tokens. Returns ``[rows]`` (float64-safe: computed in the logits' dtype).
-    """
-    rows = torch.arange(logits.shape[0], device=logits.device)[:, None]
-    sel = logits[rows, positions]  # [rows, T, vocab]
-    logp = torch.log_softmax(sel.float() if sel.dtype in (torch.float16, torch.bfloat16) else sel, dim=-1)
-    lp = logp.gather(-1, targets[..., None])[..., 0]
-    if valid is not None:
-        lp = lp * valid
-    return lp.sum(-1)
 
 
 @dataclass
