@@ -12,3 +12,15 @@ def smol():
     import kneurons
 
     return kneurons.load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def synthetic_run(tmp_path_factory):
+    """A complete run of every experiment on a tiny GPT-2-type model trained on a synthetic world (~1 min).
+    Returns the base directory: ``data/``, ``model/``, ``run/``."""
+    from runs import make_run, world_and_model
+
+    base = tmp_path_factory.mktemp("synthetic-run")
+    _, handle = world_and_model(base)
+    make_run(base, handle=handle)
+    return base

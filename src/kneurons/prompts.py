@@ -161,14 +161,21 @@ class Assessment:
     correct: bool
     n_target_tokens: int
     top: list[Prediction] = field(default_factory=list)
+    candidate_rank: int | None = None  # rank of the first target token among the candidates' first tokens
 
     def as_dict(self) -> dict:
         return {"prompt": self.prompt, "target": self.target, "prob": self.prob, "rank": self.rank,
                 "correct": self.correct, "top": ", ".join(f"{p.token.strip() or repr(p.token)} ({p.prob:.3f})" for p in self.top)}
 
 
-def assess(handle, prompts, targets, top_k: int = 5, batch_size: int = 32) -> list[Assessment]:
-    """Score each prompt with its target (``targets`` may be one string for all prompts)."""
+def assess(handle, prompts, targets, top_k: int = 5, batch_size: int = 32, candidates=None) -> list[Assessment]:
+    """Score each prompt with its target (``targets`` may be one string for all prompts).
+
+    ``candidates``: answers to rank the target among (one list for all prompts, or one list per prompt), as in
+    PARAREL's and LAMA's restricted-candidate evaluation: :attr:`Assessment.candidate_rank` is 1 + the number of
+    candidates whose *first* token is more probable at the blank than the target's first token (candidates that
+    start with the same token as the target do not count).
+    """
     if isinstance(prompts, str):
         prompts = [prompts]
     if isinstance(targets, str):
@@ -178,6 +185,7 @@ def assess(handle, prompts, targets, top_k: int = 5, batch_size: int = 32) -> li
     if batch_size < 1:
         raise KneuronsError("batch_size must be at least 1")
     encs = [encode(handle, p, t) for p, t in zip(prompts, targets)]
+    cand_ids = _candidate_ids(handle, encs, candidates) if candidates is not None else None
     tok = handle.tokenizer
     out: list[Assessment] = []
     model = handle.model
@@ -198,5 +206,34 @@ def assess(handle, prompts, targets, top_k: int = 5, batch_size: int = 32) -> li
             correct = bool((logp.argmax(-1) == tgt).all())
             probs, idx = first.exp().topk(top_k)
             top = [Prediction(tok.decode([int(i)]), int(i), float(p)) for p, i in zip(probs, idx)]
-            out.append(Assessment(e.prompt, e.target, math.exp(lp), lp, rank, correct, len(e.target_ids), top))
+            crank = None
+            if cand_ids is not None:
+                ids_c = cand_ids[start + r]
+                ids_c = ids_c[ids_c != tgt[0]]
+                crank = int((first[ids_c] > first[tgt[0]]).sum()) + 1
+            out.append(Assessment(e.prompt, e.target, math.exp(lp), lp, rank, correct, len(e.target_ids), top,
+                                  crank))
+    return out
+
+
+def _candidate_ids(handle, encs: list[Encoded], candidates) -> list[torch.Tensor]:
+    """First-token ids of the candidate answers of each prompt (tokenized in that prompt's context)."""
+    per_prompt = (candidates if candidates and not isinstance(candidates[0], str) else [candidates] * len(encs))
+    if len(per_prompt) != len(encs):
+        raise KneuronsError(f"{len(encs)} prompts but {len(per_prompt)} candidate lists")
+    # A candidate's first token depends on the prompt only through the text just before the blank (the leading
+    # space, and pre-tokenizers split at whitespace): memoize on the last word and the spaces before the blank.
+    memo: dict[tuple[str, str], int] = {}
+    out = []
+    for e, cands in zip(encs, per_prompt):
+        if isinstance(cands, str) or not cands:
+            raise KneuronsError("candidates must be a non-empty list of answers")
+        context = re.search(r"\S*\s*$", parse_cloze(e.prompt).before).group(0)
+        ids = set()
+        for c in cands:
+            key = (context, c)
+            if key not in memo:
+                memo[key] = encode(handle, e.prompt, c).target_ids[0]
+            ids.add(memo[key])
+        out.append(torch.tensor(sorted(ids), device=handle.device))
     return out

@@ -62,6 +62,36 @@ class World:
                 for p in self.prompts(rel, subj):
                     yield p, obj, rel, subj
 
+    def to_pararel(self, directory) -> "Path":
+        """Write the world in the PARAREL layout that ``kneurons run --data`` reads: ``pararel/query_pairs.json``,
+        ``pararel/patterns/<rel>.jsonl``, ``lama/relations.jsonl`` and ``bingrel/`` bags (``th_bags``: the fact's
+        sentences with the answer filled in; ``h_bags``: sentences about the subject's other relations)."""
+        import gzip
+        import json
+        from pathlib import Path
+
+        root = Path(directory)
+        (root / "pararel" / "patterns").mkdir(parents=True, exist_ok=True)
+        (root / "lama").mkdir(exist_ok=True)
+        (root / "bingrel").mkdir(exist_ok=True)
+        pairs = {rel: [[s, o] for s, o in facts.items()] for rel, facts in self.facts.items()}
+        (root / "pararel" / "query_pairs.json").write_text(json.dumps(pairs))
+        meta = []
+        for rel, temps in self.templates.items():
+            (root / "pararel" / "patterns" / f"{rel}.jsonl").write_text(
+                "".join(json.dumps({"pattern": t}) + "\n" for t in temps))
+            meta.append(json.dumps({"relation": rel, "label": rel.replace("_", " "), "type": "N-1"}))
+            bags = []
+            for subj, obj in self.facts[rel].items():
+                th = [t.replace("[X]", subj).replace("[Y]", obj) for t in temps]
+                h = [t.replace("[X]", subj).replace("[Y]", self.facts[r][subj]) for r in self.relations if r != rel
+                     for t in self.templates[r][:2]]
+                bags.append({"th_bags": th, "h_bags": h})
+            with gzip.open(root / "bingrel" / f"final_distant_allbags_{rel}_new.json.gz", "wt") as f:
+                json.dump(bags, f)
+        (root / "lama" / "relations.jsonl").write_text("\n".join(meta) + "\n")
+        return root
+
     def other_object(self, relation: str, subject: str, seed: int = 0) -> str:
         """Another object of the same relation (the t' of an update)."""
         rng = random.Random(f"{seed}-{relation}-{subject}")

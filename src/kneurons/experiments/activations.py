@@ -1,0 +1,86 @@
+"""Experiment 4 — activating prompts (BingRel): are a fact's knowledge neurons active where the fact is said?
+
+For each known fact with knowledge neurons, three bags of web sentences: ``head_tail`` (sentences that mention
+the subject and the answer — they tend to express the fact), ``head_only`` (the subject without the answer) and
+``random`` (``head_tail`` sentences of other facts of the relation, seeded). Each sentence runs through the
+model once (no blank, truncated to ``max_tokens``); a neuron's activation on a sentence is the **mean over its
+token positions** (padding and special tokens excluded) of the FFN activation that enters the output projection; the bag's score
+is the mean over the fact's neurons and the bag's sentences. Paper (BERT-base): 0.485 / 0.019 / −0.018.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ..hooks import ffn_hooks
+from ..prompts import pad_id
+from .common import FactItem, rng_for
+
+BAGS = ("head_tail", "head_only", "random")
+
+
+def neuron_activations(handle, texts: Sequence[str], neurons, max_tokens: int = 128,
+                       batch_size: int = 16) -> torch.Tensor:
+    """``[len(texts), len(neurons)]``: each neuron's activation averaged over the positions of each text."""
+    neurons = [tuple(n) for n in neurons]
+    layers = sorted({l for l, _ in neurons})
+    tok = handle.tokenizer
+    out = []
+    for start in range(0, len(texts), batch_size):
+        chunk = list(texts[start: start + batch_size])
+        encs = [tok(t, truncation=True, max_length=max_tokens, return_special_tokens_mask=True) for t in chunk]
+        n = max(len(e["input_ids"]) for e in encs)
+        ids = torch.full((len(encs), n), pad_id(tok), dtype=torch.long)
+        mask = torch.zeros(len(encs), n, dtype=torch.long)
+        words = torch.zeros(len(encs), n)  # positions averaged over: not padding, not special tokens
+        for r, e in enumerate(encs):
+            k = len(e["input_ids"])
+            ids[r, :k] = torch.tensor(e["input_ids"])
+            mask[r, :k] = 1
+            special = torch.tensor(e.get("special_tokens_mask") or [0] * k, dtype=torch.bool)
+            words[r, :k] = (~special).float() if (~special).any() else 1.0
+        got = {}
+
+        def grab(layer, x):
+            if layer in layers:
+                idx = torch.tensor([i for l, i in neurons if l == layer], device=x.device)
+                got[layer] = x[..., idx].detach().float()
+
+        with torch.inference_mode(), ffn_hooks(handle.arch, grab, layers=layers):
+            handle.model(input_ids=ids.to(handle.device), attention_mask=mask.to(handle.device))
+        m = words[..., None]
+        cols = []
+        for l in layers:
+            a = got[l].cpu()
+            cols.append((a * m).sum(1) / m.sum(1))  # [batch, neurons of layer l], mean over positions
+        by_layer = {l: c for l, c in zip(layers, cols)}
+        pos = {l: 0 for l in layers}
+        chunk_out = []
+        for l, _ in neurons:  # back to the caller's neuron order
+            chunk_out.append(by_layer[l][:, pos[l]])
+            pos[l] += 1
+        out.append(torch.stack(chunk_out, 1))
+    return torch.cat(out) if out else torch.zeros(0, len(neurons))
+
+
+def bag_activations(handle, item: FactItem, neurons, bags, all_bags: list, fact_index: int, seed: int = 0,
+                    n_sentences: int = 10, max_tokens: int = 128) -> list[dict]:
+    """Rows per bag for one fact. ``bags``: this fact's :class:`~kneurons.data.pararel.BingRelBags`;
+    ``all_bags``: the relation's (for the random bag); ``fact_index``: this fact's index in it."""
+    rng = rng_for(seed, "bingrel", item.fact_id)
+    others = [s for j, b in enumerate(all_bags) if j != fact_index for s in b.th_bags]
+    texts = {"head_tail": bags.th_bags[:n_sentences], "head_only": bags.h_bags[:n_sentences],
+             "random": rng.sample(others, min(n_sentences, len(others)))}
+    rows = []
+    for bag in BAGS:
+        sents = [s for s in texts[bag] if s.strip()]
+        if not sents or not neurons:
+            rows.append({"bag": bag, "n_sentences": len(sents), "n_neurons": len(neurons),
+                         "mean_activation": float("nan")})
+            continue
+        acts = neuron_activations(handle, sents, neurons, max_tokens=max_tokens)
+        rows.append({"bag": bag, "n_sentences": len(sents), "n_neurons": len(neurons),
+                     "mean_activation": float(acts.mean())})
+    return rows
