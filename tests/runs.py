@@ -16,7 +16,7 @@ def world_and_model(base: Path, kind: str = "causal"):
     """Train (seeded) and save a tiny model and its world's data under ``base``; returns (world, handle)."""
     torch.set_num_threads(2)
     world = make_world(n_subjects=30, n_objects=5, relations=RELATIONS, seed=0)
-    h = train_model(world, kind, seed=0, steps=1500, activation="relu")
+    h = train_model(world, kind, seed=0, steps=1500)
     world.to_pararel(base / "data")
     h.model.save_pretrained(base / "model")
     h.tokenizer.save_pretrained(base / "model")

@@ -50,6 +50,11 @@ def test_refine_adaptive_moves_p_until_2_to_5():
     assert neurons == [(0, 0), (0, 1)] and p == pytest.approx(0.55)
     stuck = [[(0, 0)], [(0, 0)], [(0, 0)], [(0, 1)], [(0, 2)]]  # 6 rounds of -0.05 cannot reach 2 neurons
     assert refine_adaptive(stuck, p=0.7, min_prompts=1) == ([(0, 0)], pytest.approx(0.4))
+    # 8 neurons coarse in every prompt: raising p would empty the set (c > p*n fails for all at p = 1), so the
+    # 8 are kept rather than none
+    shared = [[(0, i) for i in range(8)]] * 4
+    assert refine_adaptive(shared, p=0.7, min_prompts=1) == ([(0, i) for i in range(8)], pytest.approx(0.95))
+    assert refine(shared, p=1.0, min_prompts=1) == []
 
 
 def test_locate_on_tiny_model_and_roundtrip(tmp_path):

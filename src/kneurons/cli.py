@@ -383,6 +383,57 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _run_config(args):
+    from .experiments.runner import RunConfig
+
+    none_if = lambda v: None if v is not None and v <= 0 else v  # noqa: E731
+    return RunConfig(
+        model=args.model or "smollm2-135m", data=str(args.data), relations=args.relations,
+        facts_per_relation=args.facts_per_relation, seed=args.seed, experiments=args.experiments,
+        max_prompts=args.max_prompts, max_candidates=args.max_candidates, known_fraction=args.known_fraction,
+        known_rank=args.known_rank, known_among=args.known_among, steps=args.steps, threshold=args.threshold,
+        p=args.p, min_prompts=args.min_prompts, adaptive=not args.fixed_p, score=args.score,
+        update_lambda1=args.lambda1, update_lambda2=args.lambda2,
+        update_drop_shared=none_if(args.update_drop_shared), erase_relations=args.erase_relations,
+        erase_top_k=none_if(args.erase_top_k), erase_min_facts=args.erase_min_facts, erase_mode=args.erase_mode,
+        dtype=args.dtype, device=args.device, batch_size=args.batch_size)
+
+
+def cmd_run(args) -> int:
+    from .experiments.runner import Runner
+
+    cfg = _run_config(args)
+    cfg.check()
+    t = time.time()
+    runner = Runner(cfg, args.out, handle=_load(args), progress=not args.quiet,
+                    log=lambda m: print(m, file=sys.stderr))
+    store = runner.run()
+    counts = store.counts()
+    print(f"run complete in {time.time() - t:.0f}s: {args.out}")
+    print(_table([{"experiment": e, "units stored": n} for e, n in sorted(counts.items())]))
+    print(f"next: kneurons report {args.out}    kneurons export {args.out} --format csv")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .experiments.export import export
+
+    paths = export(args.run_dir, args.format, args.out, overwrite=args.overwrite)
+    for p in paths:
+        print(p)
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import summary, write_report
+
+    path = write_report(args.run_dir, args.out)
+    print(f"report: {path}")
+    for section, values in summary(args.run_dir).items():
+        print(f"{section}: {values}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="kneurons", description="Knowledge neurons in Hugging Face transformers.")
     ap.add_argument("--version", action="version", version=f"kneurons {__version__}")
@@ -466,6 +517,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["zero", "unk"], default="zero")
     p.add_argument("--save-model", default=None)
     p.set_defaults(fn=cmd_erase)
+
+    p = sub.add_parser("run", help="every experiment of the paper on PARAREL-layout data, into a resumable run "
+                                   "directory")
+    model_args(p)
+    ig_args(p)
+    p.add_argument("--data", required=True, help="directory holding pararel/ (and lama/, bingrel/), or a PARAREL "
+                                                 "directory (query_pairs.json + patterns/)")
+    p.add_argument("--out", required=True, help="run directory (created; rerun the same command to resume)")
+    p.add_argument("--relations", nargs="+", default=None, help="relation ids (default: all)")
+    p.add_argument("--facts-per-relation", type=int, default=10, help="known facts per relation (default 10)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--experiments", nargs="+", default=["assess", "locate", "suppress", "activations", "update",
+                                                        "erase"])
+    p.add_argument("--max-prompts", type=int, default=None, help="use at most this many templates per fact")
+    p.add_argument("--max-candidates", type=int, default=200,
+                   help="facts assessed per relation while looking for known ones (default 200)")
+    p.add_argument("--known-fraction", type=float, default=0.5,
+                   help="known = right on more than this fraction of the fact's prompts (default 0.5)")
+    p.add_argument("--known-rank", type=int, default=1, help="right = rank <= this (default 1)")
+    p.add_argument("--known-among", choices=["vocabulary", "candidates"], default="vocabulary",
+                   help="rank over the whole vocabulary, or among the relation's answers (LAMA/PARAREL style)")
+    p.add_argument("--threshold", type=float, default=0.2)
+    p.add_argument("--p", type=float, default=0.7)
+    p.add_argument("--min-prompts", type=int, default=3)
+    p.add_argument("--fixed-p", action="store_true", help="do not adapt p to get 2-5 neurons per fact")
+    p.add_argument("--lambda1", type=float, default=1.0)
+    p.add_argument("--lambda2", type=float, default=8.0)
+    p.add_argument("--update-drop-shared", type=float, default=0.1,
+                   help="update: drop neurons shared by more than this fraction of the relation's facts (0: keep)")
+    p.add_argument("--erase-relations", nargs="+", default=["P19", "P27", "P106", "P937"])
+    p.add_argument("--erase-top-k", type=int, default=20, help="erase the k most shared neurons (0: use --erase-min-facts)")
+    p.add_argument("--erase-min-facts", type=int, default=None)
+    p.add_argument("--erase-mode", choices=["unk", "zero"], default="unk")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("export", help="a run's results as parquet or CSV tables, one per experiment")
+    p.add_argument("run_dir")
+    p.add_argument("--format", choices=["parquet", "csv"], default="parquet")
+    p.add_argument("--out", default=None, help="directory for the tables (default: RUN_DIR/export)")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(fn=cmd_export)
+
+    p = sub.add_parser("report", help="HTML report + PNG figures of a run, beside the paper's numbers")
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None, help="directory for report.html and the figures (default: RUN_DIR/report)")
+    p.set_defaults(fn=cmd_report)
 
     p = sub.add_parser("demo", help="the main job on the embedded model")
     model_args(p)

@@ -75,13 +75,21 @@ def refine(coarse_sets: Sequence[Sequence[Neuron]], p: float = 0.7, min_prompts:
 
 def refine_adaptive(coarse_sets, p: float = 0.7, min_prompts: int = 3, lo: int = 2, hi: int = 5,
                     step: float = 0.05, rounds: int = 6) -> tuple[list[Neuron], float]:
-    """:func:`refine`, moving ``p`` by ``step`` (at most ``rounds`` times) until ``lo <= len <= hi``."""
+    """:func:`refine`, moving ``p`` by ``step`` (at most ``rounds`` times) until ``lo <= len <= hi``.
+
+    Raising ``p`` never empties the set: when the next step up would leave no neuron (every neuron shared by the
+    same number of prompts), the last non-empty set is kept, even if it has more than ``hi`` neurons."""
     chosen = refine(coarse_sets, p, min_prompts)
     for _ in range(rounds):
         if len(chosen) < lo and p - step > 0:
             p = round(p - step, 10)
-        elif len(chosen) > hi and p + step <= 1:
+        elif len(chosen) > hi and p + step < 1:
+            nxt = refine(coarse_sets, round(p + step, 10), min_prompts)
+            if not nxt:
+                break
             p = round(p + step, 10)
+            chosen = nxt
+            continue
         else:
             break
         chosen = refine(coarse_sets, p, min_prompts)

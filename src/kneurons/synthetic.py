@@ -62,7 +62,7 @@ class World:
                 for p in self.prompts(rel, subj):
                     yield p, obj, rel, subj
 
-    def to_pararel(self, directory) -> "Path":
+    def to_pararel(self, directory):
         """Write the world in the PARAREL layout that ``kneurons run --data`` reads: ``pararel/query_pairs.json``,
         ``pararel/patterns/<rel>.jsonl``, ``lama/relations.jsonl`` and ``bingrel/`` bags (``th_bags``: the fact's
         sentences with the answer filled in; ``h_bags``: sentences about the subject's other relations)."""

@@ -46,11 +46,11 @@ def neuron_activations(handle, texts: Sequence[str], neurons, max_tokens: int = 
         def grab(layer, x):
             if layer in layers:
                 idx = torch.tensor([i for l, i in neurons if l == layer], device=x.device)
-                got[layer] = x[..., idx].detach().float()
+                got[layer] = x[..., idx].detach().double()
 
         with torch.inference_mode(), ffn_hooks(handle.arch, grab, layers=layers):
             handle.model(input_ids=ids.to(handle.device), attention_mask=mask.to(handle.device))
-        m = words[..., None]
+        m = words.double()[..., None]
         cols = []
         for l in layers:
             a = got[l].cpu()
@@ -62,7 +62,7 @@ def neuron_activations(handle, texts: Sequence[str], neurons, max_tokens: int = 
             chunk_out.append(by_layer[l][:, pos[l]])
             pos[l] += 1
         out.append(torch.stack(chunk_out, 1))
-    return torch.cat(out) if out else torch.zeros(0, len(neurons))
+    return torch.cat(out) if out else torch.zeros(0, len(neurons), dtype=torch.float64)
 
 
 def bag_activations(handle, item: FactItem, neurons, bags, all_bags: list, fact_index: int, seed: int = 0,

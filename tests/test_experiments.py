@@ -1,0 +1,256 @@
+"""The paper's experiments, the run store and ``kneurons run/export``: a real run on a tiny model trained on a
+synthetic fact world (the ``synthetic_run`` fixture), a SIGKILL-and-resume test, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from helpers import handle_for
+from kneurons.errors import KneuronsError
+from kneurons.experiments import RunStore, fact_items, neuron_activations
+from kneurons.experiments.export import export
+from kneurons.experiments.store import CONFIG, DATABASE
+from kneurons.hooks import capture
+from kneurons.prompts import assess
+from runs import config, make_run
+
+ROOT = Path(__file__).resolve().parents[1]
+VOLATILE = {"seconds", "created"}
+
+
+# ------------------------------------------------------------------------------------------------ run store
+
+def test_store_roundtrip_resume_and_refusals(tmp_path):
+    cfg = {"model": "m", "seed": 0}
+    with RunStore.open(tmp_path / "run", cfg) as st:
+        st.put("locate", "P1:0", "P1", [{"a": 1, "x": [1, 2]}, {"a": 2}])
+        st.put("locate", "P1:1", "P1", [{"a": 3}])
+        with pytest.raises(KneuronsError, match="already in the run store"):
+            st.put("locate", "P1:0", "P1", [{"a": 9}])
+        assert st.done("locate") == {"P1:0", "P1:1"} and st.has("locate", "P1:1")
+    with RunStore.open(tmp_path / "run", cfg) as st:  # same configuration: resumed, nothing lost
+        assert [r["a"] for r in st.rows("locate")] == [1, 2, 3]
+        assert st.table("locate")["unit"].tolist() == ["P1:0", "P1:0", "P1:1"]
+    with pytest.raises(KneuronsError, match=r"different configuration \(seed: 0 -> 1\)"):
+        RunStore.open(tmp_path / "run", {"model": "m", "seed": 1})
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("x")
+    with pytest.raises(KneuronsError, match="not empty and is not a kneurons run"):
+        RunStore.open(tmp_path / "other", cfg)
+    with pytest.raises(KneuronsError, match="does not exist"):
+        RunStore(tmp_path / "missing")
+    with pytest.raises(KneuronsError, match="not a kneurons run directory"):
+        RunStore(tmp_path / "other")
+
+
+def test_store_refuses_corrupt_files(tmp_path):
+    RunStore.open(tmp_path / "a", {"k": 1}).close()
+    (tmp_path / "a" / DATABASE).write_bytes(b"this is not a database" * 100)
+    with pytest.raises(KneuronsError, match="corrupt results database"):
+        RunStore(tmp_path / "a")
+    RunStore.open(tmp_path / "b", {"k": 1}).close()
+    (tmp_path / "b" / CONFIG).write_text("{not json")
+    with pytest.raises(KneuronsError, match="corrupt run configuration"):
+        RunStore(tmp_path / "b")
+
+
+# ------------------------------------------------------------------------------------------- experiment parts
+
+def test_candidate_rank_matches_brute_force():
+    h = handle_for("gpt2", dtype=torch.float64)
+    prompts = ["the capital of france is [Y] .", "germany lives in [Y] ."]
+    cands = ["paris", "berlin", "rome", "madrid", "city"]
+    res = assess(h, prompts, ["paris", "rome"], candidates=cands)
+    for a, p in zip(res, prompts):
+        probs = {c: assess(h, [p], c)[0].prob for c in cands}  # one-token answers: prob = first-token prob
+        assert a.candidate_rank == 1 + sum(v > probs[a.target] for c, v in probs.items() if c != a.target)
+    with pytest.raises(KneuronsError, match="candidate"):
+        assess(h, prompts, "paris", candidates=[])
+
+
+def test_neuron_activations_are_position_means_of_the_ffn_input():
+    h = handle_for("llama", dtype=torch.float64)
+    texts = ["the capital of france is paris .", "berlin"]
+    neurons = [(1, 3), (0, 5), (1, 0)]
+    got = neuron_activations(h, texts, neurons, batch_size=1)
+    for r, t in enumerate(texts):
+        ids = h.tokenizer(t, return_tensors="pt")["input_ids"]
+        with capture(h.arch) as cap:
+            h.model(input_ids=ids)
+        for c, (l, i) in enumerate(neurons):
+            assert got[r, c].item() == pytest.approx(cap.acts[l][0, :, i].mean().item(), rel=1e-6)
+    both = neuron_activations(h, texts, neurons, batch_size=8)  # padding does not change the means
+    assert torch.allclose(both, got, rtol=1e-5, atol=1e-6)
+
+
+def test_fact_items_and_bad_options(tmp_path):
+    from kneurons.data import load_facts
+    from kneurons.experiments.runner import RunConfig
+
+    rel = load_facts().relation("capital_of")
+    items = fact_items(rel, causal=True, max_prompts=2, indices=[0, 3])
+    assert [it.fact_id for it in items] == ["capital_of:0", "capital_of:3"]
+    assert all(len(it.prompts) == 2 and all(p.rstrip(" .").endswith("[Y]") for p in it.prompts) for it in items)
+    with pytest.raises(KneuronsError, match="unknown experiment"):
+        RunConfig(model="m", data=".", experiments=["assess", "teleport"]).check()
+    with pytest.raises(KneuronsError, match="known_among"):
+        RunConfig(model="m", data=".", known_among="vibes").check()
+    from kneurons.experiments.runner import pararel_dirs
+    with pytest.raises(KneuronsError, match="neither pararel/query_pairs.json"):
+        pararel_dirs(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ the complete run
+
+def _tables(run_dir) -> dict[str, pd.DataFrame]:
+    with RunStore(run_dir) as st:
+        return {e: st.table(e).drop(columns=[c for c in VOLATILE if c in st.table(e)]) for e in st.experiments()}
+
+
+def test_run_reproduces_the_papers_patterns_on_the_synthetic_world(synthetic_run):
+    """Measured on this fixture (seed 0): suppress kn -31% vs random 0%; amplify +2.3% vs 0%; update success@1
+    31% vs 0%; erase: erased relations' perplexity +16%/+33% vs others +0.5%/+1.5%. Asserted with margins, each
+    a bound that the random-neuron control fails."""
+    st = RunStore(synthetic_run / "run")
+    assert st.meta("complete") and st.meta("weights_restored")
+    assess_t, loc = st.table("assess"), st.table("locate")
+    chosen = st.meta("known_facts")  # the first 5 known facts of each relation in the seeded order
+    assert [len(v) for v in chosen.values()] == [5, 5, 5, 5]
+    assert set(sum(chosen.values(), [])) <= set(assess_t[assess_t.known].fact_id)
+    assert set(loc.unit) == set(sum(chosen.values(), []))
+    kn = loc[loc.method == "kn"].set_index("unit").n_neurons
+    rnd = loc[loc.method == "random"].set_index("unit").n_neurons
+    assert (kn == rnd).all() and (kn > 0).sum() >= 15  # random sets copy the count
+
+    sup = st.table("suppress")
+    fact = sup[sup.group == "fact"].groupby(["op", "method"]).rel_change.mean()
+    assert fact["suppress", "kn"] <= -0.15 and abs(fact["suppress", "random"]) <= 0.01
+    assert fact["amplify", "kn"] >= 0.01 and abs(fact["amplify", "random"]) <= 0.005
+    other = sup[(sup.group == "other_relation") & (sup.method == "kn") & (sup.op == "suppress")].rel_change.mean()
+    assert abs(other) * 5 < abs(fact["suppress", "kn"])  # other relations' facts barely move
+
+    upd = st.table("update")
+    upd = upd[upd.get("skipped").isna()] if "skipped" in upd else upd
+    s1 = upd.groupby("method").success1_after.mean()
+    assert s1["kn"] >= 0.15 and s1["random"] <= 0.05
+
+    er = st.table("erase").set_index(["unit", "method", "group"])
+    change = (er.ppl_after - er.ppl_before) / er.ppl_before
+    for rel in ("born_in", "speaks"):
+        assert change[rel, "kn", "erased"] >= 0.08
+        assert change[rel, "kn", "erased"] >= 3 * change[rel, "kn", "other"]
+        assert abs(change[rel, "random", "erased"]) <= 0.02
+
+    act = st.table("activations").dropna(subset=["mean_activation"]).groupby("bag").mean_activation.mean()
+    assert act["head_tail"] > 2 * act["head_only"]
+
+
+def test_rerun_is_a_no_op_and_other_config_refused(synthetic_run, tmp_path):
+    before = _tables(synthetic_run / "run")
+    make_run(synthetic_run)  # same configuration: everything is already stored
+    after = _tables(synthetic_run / "run")
+    assert before.keys() == after.keys()
+    for e in before:
+        pd.testing.assert_frame_equal(before[e], after[e])
+    with pytest.raises(KneuronsError, match="different configuration.*steps: 20 -> 5"):
+        make_run(synthetic_run, steps=5)
+
+
+def test_export_parquet_and_csv_match_the_store(synthetic_run, tmp_path):
+    st = RunStore(synthetic_run / "run")
+    paths = export(synthetic_run / "run", "parquet", tmp_path / "pq")
+    assert {p.name for p in paths} == {f"{e}.parquet" for e in st.experiments()} | {"config.json"}
+    loc = pd.read_parquet(tmp_path / "pq" / "locate.parquet")
+    assert [list(map(list, n)) for n in loc.neurons] == st.table("locate").neurons.tolist()
+    export(synthetic_run / "run", "csv", tmp_path / "csv")
+    sup = pd.read_csv(tmp_path / "csv" / "suppress.csv")
+    pd.testing.assert_series_equal(sup.rel_change, st.table("suppress").rel_change, check_exact=False, rtol=1e-12)
+    csv_loc = pd.read_csv(tmp_path / "csv" / "locate.csv")
+    assert [json.loads(n) for n in csv_loc.neurons] == st.table("locate").neurons.tolist()
+    with pytest.raises(KneuronsError, match="not empty"):
+        export(synthetic_run / "run", "csv", tmp_path / "csv")
+    with pytest.raises(KneuronsError, match="format"):
+        export(synthetic_run / "run", "xlsx", tmp_path / "x")
+
+
+# ------------------------------------------------------------------------------------------- kill and resume
+
+def _cli_args(base: Path, out: Path) -> list[str]:
+    cfg = config(base)
+    return [sys.executable, "-m", "kneurons.cli", "run", "--model", cfg.model, "--data", cfg.data, "--out", str(out),
+            "--facts-per-relation", str(cfg.facts_per_relation), "--erase-relations", *cfg.erase_relations,
+            "--erase-top-k", str(cfg.erase_top_k), "--min-prompts", str(cfg.min_prompts), "--quiet"]
+
+
+def _units(db: Path) -> int:
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)
+        try:
+            return con.execute("SELECT count(*) FROM results").fetchone()[0]
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return 0
+
+
+def _kill_when(args, db: Path, at_least: int, env) -> None:
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=ROOT)
+    deadline = time.time() + 240
+    try:
+        while _units(db) < at_least:
+            assert proc.poll() is None, f"run ended before the kill point: {proc.stderr.read().decode()[-2000:]}"
+            assert time.time() < deadline, "run too slow to reach the kill point"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+
+
+def test_sigkill_at_any_phase_then_resume_equals_an_uninterrupted_run(synthetic_run, tmp_path):
+    """Kill a ``kneurons run`` subprocess with SIGKILL twice (during assess/locate, then during the later
+    phases), resume it with the same command, and compare every table with the uninterrupted run."""
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "TOKENIZERS_PARALLELISM": "false"}
+    args = _cli_args(synthetic_run, out)
+    total = sum(RunStore(synthetic_run / "run").counts().values())
+    _kill_when(args, out / DATABASE, 70, env)  # 64 assess units, then a few located facts
+    killed_at = _units(out / DATABASE)
+    assert 70 <= killed_at < total
+    _kill_when(args, out / DATABASE, killed_at + 45, env)  # somewhere in suppress/activations/update
+    assert _units(out / DATABASE) < total
+    done = subprocess.run(args, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert _units(out / DATABASE) == total
+    ref, got = _tables(synthetic_run / "run"), _tables(out)
+    assert ref.keys() == got.keys()
+    for e in ref:
+        a = ref[e].sort_values(list(ref[e].columns[:3])).reset_index(drop=True)
+        b = got[e].sort_values(list(got[e].columns[:3])).reset_index(drop=True)
+        # neuron lists, counts and flags exactly; floats to float32 noise (the reference ran in this process on
+        # the in-memory model, the resumed run on the saved copy with its default attention kernel)
+        pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-4, atol=1e-6)
+
+
+def test_cli_run_bad_input(synthetic_run, tmp_path):
+    from kneurons.cli import main
+
+    base = synthetic_run
+    assert main(["run", "--model", str(base / "model"), "--data", str(tmp_path / "nope"), "--out",
+                 str(tmp_path / "r")]) == 2
+    assert main(["run", "--model", str(base / "model"), "--data", str(base / "data"), "--out", str(tmp_path / "r"),
+                 "--experiments", "assess", "dance"]) == 2
+    assert not (tmp_path / "r").exists()  # nothing written for a refused configuration
+    assert main(["export", str(tmp_path / "nope")]) == 2
