@@ -339,7 +339,8 @@ def test_report_on_full_run(fake_run, tmp_path):
     assert s["update"]["facts_without_neurons"] == 1
     assert s["activations"]["facts_with_neurons"] == 5  # the fact without neurons has NaN activations
     # the layer histogram, recomputed from the table
-    loc = RunStore(fake_run).table("locate")
+    with RunStore(fake_run) as store:
+        loc = store.table("locate")
     layers = loc[loc["method"] == "kn"]["neurons"].explode().dropna().map(lambda n: n[0])
     expected = [float((layers == i).mean()) for i in range(N_LAYERS)]
     assert s["locate"]["methods"]["kn"]["layer_fraction"] == pytest.approx(expected)

@@ -61,7 +61,8 @@ def _xticks(ax, labels) -> None:
     ax.set_xticklabels(labels, rotation=35 if long else 0, ha="right" if long else "center")
 
 
-def _bars(ax, groups: list, series: list[tuple[str, list, str]], fmt=None, width: float = 0.8) -> None:
+def _bars(ax, groups: list, series: list[tuple[str, list, str]], fmt=None, width: float = 0.8,
+          inside: bool = False) -> None:
     """Grouped bars: ``series`` = ``[(label, values per group, color)]``; values may be NaN (no bar)."""
     k = max(len(series), 1)
     w = width / k
@@ -69,7 +70,9 @@ def _bars(ax, groups: list, series: list[tuple[str, list, str]], fmt=None, width
         xs = [i - width / 2 + w * (j + 0.5) for i in range(len(groups))]
         bars = ax.bar(xs, [_v(v) for v in vals], w, label=label, color=color)
         if fmt is not None and len(groups) * k <= 24:
-            ax.bar_label(bars, labels=["" if v is None else fmt(v) for v in vals], fontsize=7, padding=2)
+            ax.bar_label(bars, labels=["" if v is None else fmt(v) for v in vals], fontsize=7,
+                         padding=0 if inside else 2, label_type="center" if inside else "edge",
+                         color="white" if inside else "black")
 
 
 def _pct(v) -> str:
@@ -107,7 +110,7 @@ def suppress_relations(s: dict):
     rels = list(dict.fromkeys(r for op in present for m in ops[op] for r in
                               ops[op][m].get("fact", {}).get("per_relation", {})))
     groups = rels + ["all facts"]
-    fig = _mpl()(figsize=(max(7.0, min(15.0, 0.7 * len(groups) + 3)), 3.4 * len(present) + 0.4))
+    fig = _mpl()(figsize=(max(9.0, min(16.0, 0.7 * len(groups) + 5)), 3.4 * len(present) + 0.4))
     paper = s["suppress"]["paper"]
     for i, op in enumerate(present):
         ax = fig.add_subplot(len(present), 1, i + 1)
@@ -129,7 +132,7 @@ def suppress_relations(s: dict):
         _style(ax, "mean Δp/p of the fact (%)")
         ax.set_title(f"{op.capitalize()} (activation × {0 if op == 'suppress' else 2}): change in the probability "
                      "of the correct answer", fontsize=11)
-        ax.legend(frameon=False, fontsize=8, ncol=2, loc="best")
+        ax.legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     return Figure("fig2-suppress-amplify.png", "Suppress / amplify per relation",
                   "Mean relative change Δp/p of the correct answer's probability on the fact's own prompts, "
@@ -154,8 +157,10 @@ def suppress_controls(s: dict):
         _xticks(ax, [GROUP_LABELS[g] for g in GROUPS])
         _style(ax, "mean Δp/p (%)")
         ax.set_title(f"{op}: which prompts change", fontsize=11)
-        ax.legend(frameon=False, fontsize=8)
+    handles, labels = fig.axes[0].get_legend_handles_labels()
     fig.tight_layout()
+    fig.legend(handles, labels, frameon=False, fontsize=9, loc="upper center", bbox_to_anchor=(0.5, 0.0),
+               ncol=len(labels))
     return Figure("fig3-suppress-controls.png", "Specificity: the fact vs control facts",
                   "Mean Δp/p over all facts, on the fact's own prompts and on control prompts of other known facts "
                   "of the same relation and of other relations. Specific neurons move the fact and leave the "
@@ -201,12 +206,12 @@ def update(s: dict):
     names = ["success@1", "success@5"]
     _bars(ax, names, [(LABELS[m], [None if upd["methods"][m].get(f"{q}_after") is None
                                    else 100 * upd["methods"][m][f"{q}_after"] for q in qs], COLORS[m])
-                      for m in methods], fmt=lambda v: f"{v:.1f}")
+                      for m in methods], fmt=lambda v: f"{v:.1f}" if v >= 8 else "", inside=True)
     for j, m in enumerate(methods):
         p = upd["paper"].get(f"success1_{m}")
         if p is not None:
             x = -0.4 + 0.8 / len(methods) * (j + 0.5)
-            ax.plot([x], [100 * p], marker="D", color="black", ms=6, ls="none",
+            ax.plot([x], [100 * p], marker="_", color="black", ms=22, mew=2.5, ls="none",
                     label="paper success@1" if j == 0 else None)
     _xticks(ax, names)
     _style(ax, "prompts answering the new object (%)")
@@ -221,7 +226,7 @@ def update(s: dict):
         p = upd["paper"].get(f"delta_ppl_inter_{m}")
         if p is not None:
             x = 1 - 0.4 + 0.8 / len(methods) * (j + 0.5)
-            ax2.plot([x], [p], marker="D", color="black", ms=6, ls="none",
+            ax2.plot([x], [p], marker="_", color="black", ms=22, mew=2.5, ls="none",
                      label=f"paper ({s['run']['paper_model']})" if j == 0 else None)
     _xticks(ax2, names2)
     _style(ax2, "Δ perplexity (after − before)")
@@ -231,7 +236,7 @@ def update(s: dict):
     return Figure("fig5-update.png", "Updating a fact",
                   "Left: share of the fact's prompts whose top-1 / top-5 prediction is the new object after the "
                   "edit (mean over facts). Right: absolute change of the perplexity of other known facts of the same "
-                  "relation (intra) and of other relations (inter). Black diamonds: the paper's numbers; the "
+                  "relation (intra) and of other relations (inter). Black dashes: the paper's numbers; the "
                   "perplexity scale depends on the model.", _png(fig))
 
 
@@ -240,7 +245,7 @@ def erase(s: dict):
     if not rels:
         return None
     names = list(rels)
-    fig = _mpl()(figsize=(max(7.0, min(14.0, 1.6 * len(names) + 4)), 3.8))
+    fig = _mpl()(figsize=(max(8.0, min(14.0, 1.6 * len(names) + 4)), 4.2))
     ax = fig.add_subplot()
     series = []
     shade = {("kn", "erased"): COLORS["kn"], ("kn", "other"): "#9cc0e8", ("random", "erased"): "#555555",
@@ -251,17 +256,17 @@ def erase(s: dict):
                 vals = [rels[r].get(m, {}).get(g, {}).get("ppl_change") for r in names]
                 series.append((f"{LABELS[m]}: {'erased relation' if g == 'erased' else 'other relations'}",
                                [None if v is None else 100 * v for v in vals], shade[(m, g)]))
-    _bars(ax, names, series, fmt=lambda v: f"{v:+.0f}")
+    _bars(ax, names, series, fmt=lambda v: f"{v:+.0f}" if abs(v) >= 10 else f"{v:+.1f}")
     lo, hi = s["erase"]["paper"]["erased_ppl_change"]
-    ax.axhspan(100 * lo, 100 * hi, color=COLORS["kn"], alpha=0.08,
+    ax.axhspan(100 * lo, 100 * hi, color=COLORS["kn"], alpha=0.08, zorder=0,
                label=f"paper, erased relation ({100 * lo:+.1f}% .. {100 * hi:+.1f}%)")
     lo, hi = s["erase"]["paper"]["other_ppl_change"]
-    ax.axhspan(100 * lo, 100 * hi, color="#e07b12", alpha=0.18,
+    ax.axhspan(100 * lo, 100 * hi, color="#e07b12", alpha=0.18, zorder=0,
                label=f"paper, other relations ({100 * lo:+.1f}% .. {100 * hi:+.1f}%)")
     _xticks(ax, names)
     _style(ax, "perplexity change (%)")
     ax.set_title("Erase a relation: relative perplexity change", fontsize=11)
-    ax.legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.legend(frameon=False, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3)
     fig.tight_layout()
     return Figure("fig6-erase.png", "Erasing relations",
                   "Relative change of the perplexity of the correct answers after emptying the value slots of the "

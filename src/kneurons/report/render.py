@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..errors import KneuronsError
 from .figures import Figure, make_figures
-from .numbers import BAGS, GROUPS, METHODS, OPS, compute_summary, load_run
+from .numbers import BAGS, METHODS, OPS, compute_summary, load_run
 
 REPORT = "report.html"
 SUMMARY = "summary.json"
@@ -28,13 +28,13 @@ h1{font-size:1.6em;margin:.4em 0 .2em} h2{font-size:1.25em;margin-top:1.8em;bord
  padding-bottom:3px} h3{font-size:1.05em;margin:1.2em 0 .4em}
 table{border-collapse:collapse;margin:.5em 0 1em;font-size:.88em}
 th,td{border:1px solid #d5d5d5;padding:3px 8px;text-align:right;vertical-align:top}
-th{background:#eef2f7;font-weight:600} td.l,th.l{text-align:left}
+th{background:#eef2f7;font-weight:600} td.l,th.l{text-align:left} td.l{white-space:nowrap}
 td.paper,th.paper{background:#fff6e5} tr.total td{font-weight:600;background:#f6f6f6}
 .na{color:#999} .note{color:#555;font-size:.9em} .warn{background:#fff1f0;border:1px solid #e0a0a0;padding:8px 12px;
  border-radius:4px} .empty{background:#f4f4f4;border-left:4px solid #999;padding:8px 12px;color:#444}
 figure{margin:1em 0 1.6em} figure img{max-width:100%;height:auto;border:1px solid #eee}
 figcaption{font-size:.86em;color:#444;max-width:60em} code{font-size:.92em}
-.kv td{text-align:left} .kv td.k{color:#555}
+.kv td{text-align:left;white-space:normal} .kv td.k{color:#555}
 """
 
 
@@ -71,9 +71,10 @@ def arrow(a, b, kind: str) -> str:
     return f"{fmt(a, kind)} → {fmt(b, kind)}"
 
 
-def table(header: list[str], rows: list[list[str]], left: int = 1, paper_cols=(), classes: str = "",
+def table(header: list[str] | None, rows: list[list[str]], left: int = 1, paper_cols=(), classes: str = "",
           row_classes=None) -> str:
-    """An HTML table; cells are HTML already; the first ``left`` columns are left-aligned."""
+    """An HTML table (no header row when ``header`` is empty); cells are HTML already; the first ``left`` columns
+    are left-aligned."""
     def cls(i):
         c = []
         if i < left:
@@ -82,9 +83,9 @@ def table(header: list[str], rows: list[list[str]], left: int = 1, paper_cols=()
             c.append("paper")
         return f' class="{" ".join(c)}"' if c else ""
 
-    out = [f'<table class="{classes}">' if classes else "<table>", "<tr>"]
-    out += [f"<th{cls(i)}>{h}</th>" for i, h in enumerate(header)]
-    out.append("</tr>")
+    out = [f'<table class="{classes}">' if classes else "<table>"]
+    if header:
+        out += ["<tr>"] + [f"<th{cls(i)}>{h}</th>" for i, h in enumerate(header)] + ["</tr>"]
     for j, r in enumerate(rows):
         rc = row_classes[j] if row_classes else ""
         out.append(f'<tr class="{rc}">' if rc else "<tr>")
@@ -114,9 +115,9 @@ def _mname(m: str) -> str:
 
 # ------------------------------------------------------------------------------------------------ sections
 def _header(s: dict) -> str:
-    run, facts = s["run"], s["facts"]
+    run = s["run"]
     info = run["model_info"] or {}
-    parts = [f"<h1>Knowledge neurons — run report</h1>",
+    parts = ["<h1>Knowledge neurons — run report</h1>",
              f"<p>Our model: <b>{esc(run['model'])}</b>"]
     if info:
         parts.append(f" ({esc(info.get('model_type'))}, {esc(info.get('kind'))}, {esc(info.get('n_layers'))} "
@@ -152,7 +153,8 @@ def _details(s: dict) -> str:
     run = s["run"]
     secs = run["last_run_seconds"]
     created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(run["created"])) if run["created"] else None
-    kv = [("run directory", f"<code>{esc(run['dir'])}</code>"), ("model (as given)", f"<code>{esc(run['model_path'])}</code>"),
+    kv = [("run directory", f"<code>{esc(run['dir'])}</code>"),
+          ("model (as given)", f"<code>{esc(run['model_path'])}</code>"),
           ("model source", esc((run["model_info"] or {}).get("source"))), ("device", esc(run["device"])),
           ("data", f"<code>{esc(run['data'])}</code>"),
           ("kneurons version", f"run: {esc(run['run_version'])}, report: {esc(run['report_version'])}"),
@@ -169,7 +171,7 @@ def _details(s: dict) -> str:
         b = cfg[i + half] if i + half < len(cfg) else ("", "")
         crow.append([esc(a[0]), f"<code>{esc(json.dumps(a[1]))}</code>", esc(b[0]),
                      f"<code>{esc(json.dumps(b[1]))}</code>" if b[0] else ""])
-    return ("<h2>1. Run</h2>" + table(["", ""], [[k, v] for k, v in kv], left=2, classes="kv")
+    return ("<h2>1. Run</h2>" + table([], [[k, v] for k, v in kv], left=2, classes="kv")
             + "<h3>Settings (the run's configuration)</h3>" + table(["setting", "value", "setting", "value"], crow,
                                                                       left=4, classes="kv"))
 
@@ -285,7 +287,8 @@ def _suppress(s: dict, figs: dict) -> str:
         out.append(empty(f"No rows for {', '.join(METHOD_NAMES[m] for m in missing)}: no fact had knowledge neurons "
                          "to act on."))
     # per relation, fact group
-    rels = list(dict.fromkeys(r for o in ops for m in ops[o] for r in ops[o][m].get("fact", {}).get("per_relation", {})))
+    rels = list(dict.fromkeys(r for o in ops for m in ops[o]
+                              for r in ops[o][m].get("fact", {}).get("per_relation", {})))
     cols = [(o, m) for o in OPS if o in ops for m in METHODS if m in ops[o]]
     if rels and cols:
         rows = []
@@ -336,19 +339,35 @@ def _activations(s: dict, figs: dict) -> str:
     return "".join(out)
 
 
+def _skip_reasons(s: dict, experiment: str) -> str:
+    reasons = [m["message"] for m in s["issues"][experiment]["messages"] if m["kind"] == "skipped"]
+    text = "; ".join(reasons) or "no reason recorded"
+    if experiment == "update" and s["run"]["config"].get("update_drop_shared") is not None and reasons:
+        text += ", after dropping the neurons shared within the relation"
+    return esc(text)
+
+
 def _update(s: dict, figs: dict) -> str:
     upd = s["update"]
+    cfg = s["run"]["config"]
+    drop = cfg.get("update_drop_shared")
+    dropped = ""
+    if drop is not None:
+        share = f"{float(drop) * 100:g}%" if isinstance(drop, (int, float)) else esc(drop)
+        dropped = f" (neurons shared by more than {share} of the relation's facts dropped)"
     out = ["<h2>5. Update a fact</h2>",
            '<p class="note">⟨h, r, t⟩ → ⟨h, r, t′⟩ with t′ another answer of the relation, by editing the value slots '
-           "of the fact's knowledge neurons (neurons shared by more than <code>update_drop_shared</code> of the "
-           "relation's facts dropped), and, as a control, of as many random neurons. Success@k: share of the fact's "
+           f"of the fact's knowledge neurons{dropped} with λ1 = {esc(cfg.get('update_lambda1'))}, "
+           f"λ2 = {esc(cfg.get('update_lambda2'))}, and, as a control, of as many random neurons. Success@k: share of "
+           "the fact's "
            "prompts whose top-k prediction is t′ (mean over facts). Perplexity of other known facts of the same "
            "relation (intra) and of other relations (inter); Δ is after − before per fact, relative Δ is "
            "(after − before)/before, both averaged over facts. Every edit is reverted.</p>"]
     if not upd["methods"]:
         if upd["facts"]:
             return "".join(out) + empty(f"No fact was updated: {upd['facts_without_neurons']} of {upd['facts']} facts "
-                                        f"had no knowledge neurons to edit, {upd['facts_with_errors']} had errors.")
+                                        f"were skipped ({_skip_reasons(s, 'update')}), {upd['facts_with_errors']} "
+                                        "had errors.")
         return "".join(out) + empty("No update results in this run.")
     rows = []
     for m, c in upd["methods"].items():
@@ -371,8 +390,8 @@ def _update(s: dict, figs: dict) -> str:
     out.append(table(["method", "intra-relation ppl", "Δ", "relative Δ", "inter-relation ppl", "Δ", "relative Δ",
                       "paper Δ inter"], rows, paper_cols=(7,)))
     out.append(f'<p class="note">{upd["facts_edited"]} of {upd["facts"]} facts were edited; '
-               f"{upd['facts_without_neurons']} had no knowledge neurons (skipped), {upd['facts_with_errors']} had "
-               "errors. Perplexities are of the whole answer under our model; the paper's absolute Δ is on "
+               f"{upd['facts_without_neurons']} were skipped ({_skip_reasons(s, 'update')}), "
+               f"{upd['facts_with_errors']} had errors. Perplexities are of the whole answer under our model; the paper's absolute Δ is on "
                f"{esc(s['run']['paper_model'])}.</p>")
     if "update" in figs:
         out.append(figure_html(figs["update"]))
