@@ -50,6 +50,12 @@ def test_store_roundtrip_resume_and_refusals(tmp_path):
         RunStore.open(tmp_path / "other", cfg)
     with pytest.raises(KneuronsError, match="does not exist"):
         RunStore(tmp_path / "missing")
+    # killed between creating the database and renaming the config into place: the next open starts cleanly
+    killed = tmp_path / "killed"
+    RunStore.open(killed, cfg).close()
+    (killed / CONFIG).rename(killed / f".{CONFIG}.tmp123")
+    with RunStore.open(killed, cfg) as st:
+        assert st.config == cfg and sorted(p.name for p in killed.iterdir()) == [CONFIG, DATABASE]
     with pytest.raises(KneuronsError, match="not a kneurons run directory"):
         RunStore(tmp_path / "other")
 

@@ -425,12 +425,11 @@ def cmd_export(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import summary, write_report
+    from .report import format_summary, summary, write_report
 
     path = write_report(args.run_dir, args.out)
+    print(format_summary(summary(args.run_dir)))
     print(f"report: {path}")
-    for section, values in summary(args.run_dir).items():
-        print(f"{section}: {values}")
     return 0
 
 

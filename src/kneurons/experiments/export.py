@@ -23,10 +23,10 @@ def export(run_dir, fmt: str = "parquet", out=None, overwrite: bool = False) -> 
     if fmt not in FORMATS:
         raise KneuronsError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     if fmt == "parquet":
-        try:
-            import pyarrow  # noqa: F401  (pandas needs it for parquet)
-        except ImportError:
-            raise KneuronsError("parquet export needs pyarrow (pip install pyarrow), or use --format csv") from None
+        import importlib.util
+
+        if importlib.util.find_spec("pyarrow") is None:  # pandas writes parquet through pyarrow
+            raise KneuronsError("parquet export needs pyarrow (pip install pyarrow), or use --format csv")
     with RunStore(run_dir) as store:
         out = Path(out) if out is not None else store.dir / "export"
         if out.exists() and any(out.iterdir()) and not overwrite:

@@ -85,8 +85,13 @@ class RunStore:
             if diff:
                 raise KneuronsError(f"{d} holds a run with a different configuration ({'; '.join(diff)}); use "
                                     "another --out directory")
-        elif d.is_dir() and any(p.name not in (DATABASE, DATABASE + "-journal") for p in d.iterdir()):
-            raise KneuronsError(f"{d} is not empty and is not a kneurons run directory")
+        elif d.is_dir():
+            # a run killed before its config was in place leaves only the database (and maybe a temp config)
+            leftovers = [p for p in d.iterdir() if p.name.startswith(f".{CONFIG}.tmp")]
+            if any(p.name not in (DATABASE, DATABASE + "-journal") and p not in leftovers for p in d.iterdir()):
+                raise KneuronsError(f"{d} is not empty and is not a kneurons run directory")
+            for p in leftovers:
+                p.unlink()
         d.mkdir(parents=True, exist_ok=True)
         store = cls(d, _create=True)
         if not cfg_path.is_file():
