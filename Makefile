@@ -10,8 +10,9 @@ STAMP  := $(VENV)/.kneurons-installed
 # `make reproduce`: the paper's six experiments on the embedded model, a CPU subset of PARAREL (see README)
 DATA  ?= ../shared/data
 RUN   ?= runs/reproduce-smollm2
-REPRODUCE_ARGS ?= --relations P103 P463 P178 P176 P27 P36 --facts-per-relation 10 --max-prompts 5 \
-	--known-among candidates --erase-relations P27 P103 P36 P176
+REPRODUCE_ARGS ?= --relations P103 P463 P178 P176 P27 P36 --facts-per-relation 10 --max-prompts 4 \
+	--known-among candidates --bingrel-sentences 5 --max-tokens 64 --erase-relations P27 P103 P36 P176 \
+	--erase-mode zero
 
 setup: $(STAMP)
 

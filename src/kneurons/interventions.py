@@ -18,6 +18,12 @@ logits, which is what a value slot writes into. For tied models it is also the i
 models (e.g. Llama-style ``lm_head``) it is the ``lm_head`` row. A multi-token target uses the mean of its
 tokens' unembedding rows (tokenized in the context of the fact's prompt).
 
+``space="gradient"`` (an option, not the paper's rule) uses instead the direction of the residual stream that
+raises the target's logit fastest at the fact's prompt: ``e = ∂ logit_t / ∂ h`` at the blank, where ``h`` is the
+last block's output (so the final norm and any output transform, e.g. BERT's MLM-head dense + LayerNorm, are
+taken into account; first target token only). Value slots write into the residual stream, so this is the
+direction an edit should push along when the head is not a bare unembedding.
+
 **Erase** a relation: the neurons shared by at least ``min_facts`` of its facts' knowledge-neuron sets (or the
 ``top_k`` most frequent) get their value slots set to zero or to the unknown token's unembedding vector
 (models whose tokenizer has no unknown token: zero, with a warning).
@@ -256,8 +262,40 @@ def _check_editable(handle) -> None:
         raise KneuronsError("cannot edit a quantized model; load it in float32/bfloat16")
 
 
-def target_vector(handle, target: str, prompt: str | None = None) -> torch.Tensor:
-    """The target's vector in the output (unembedding) space: mean of its tokens' rows."""
+SPACES = ("embedding", "gradient")
+
+
+def _logit_gradient(handle, target: str, prompt: str) -> torch.Tensor:
+    """∂ logit(first target token) / ∂ (last block's output) at the blank of ``prompt``."""
+    enc = encode(handle, prompt, target)
+    grabbed = {}
+
+    def hook(mod, args, out):
+        h = out[0] if isinstance(out, tuple) else out
+        leaf = h.detach().requires_grad_(True)
+        grabbed["h"] = leaf
+        return (leaf,) + tuple(out[1:]) if isinstance(out, tuple) else leaf
+
+    handle_ = handle.arch.layers[handle.n_layers - 1].register_forward_hook(hook)
+    try:
+        with torch.enable_grad():
+            out = handle.model(input_ids=torch.tensor([enc.input_ids], device=handle.device))
+            logit = out.logits[0, enc.score_positions[0], enc.target_ids[0]]
+            (g,) = torch.autograd.grad(logit, grabbed["h"])
+    finally:
+        handle_.remove()
+    return g[0, enc.blank].detach().double()
+
+
+def target_vector(handle, target: str, prompt: str | None = None, space: str = "embedding") -> torch.Tensor:
+    """The target's vector: its tokens' mean unembedding row (``space="embedding"``, the paper's), or the
+    residual-stream gradient of its logit at ``prompt`` (``space="gradient"``, see the module docstring)."""
+    if space not in SPACES:
+        raise KneuronsError(f"space must be one of {', '.join(SPACES)}, got {space!r}")
+    if space == "gradient":
+        if prompt is None:
+            raise KneuronsError("space='gradient' needs the fact's prompt")
+        return _logit_gradient(handle, target, prompt)
     U = handle.arch.unembedding()
     if U.shape[1] != handle.arch.d_model:
         raise KneuronsError(f"model type {handle.model_type!r}: its output embeddings ({U.shape[1]} wide) are not in "
@@ -269,7 +307,7 @@ def target_vector(handle, target: str, prompt: str | None = None) -> torch.Tenso
 
 
 def update_fact(handle, neurons, old_target: str, new_target: str, prompt: str | None = None,
-                lambda1: float = 1.0, lambda2: float = 8.0) -> Edit:
+                lambda1: float = 1.0, lambda2: float = 8.0, space: str = "embedding") -> Edit:
     """Rewrite ⟨h, r, old⟩ → ⟨h, r, new⟩ in the value slots of ``neurons`` (see module docstring)."""
     nrns = _neurons(handle, neurons)
     if old_target.strip() == new_target.strip():
@@ -280,13 +318,13 @@ def update_fact(handle, neurons, old_target: str, new_target: str, prompt: str |
     _check_editable(handle)
     if prompt is None and hasattr(neurons, "prompts") and neurons.prompts:
         prompt = neurons.prompts[0]
-    e_old = target_vector(handle, old_target, prompt)
-    e_new = target_vector(handle, new_target, prompt)
+    e_old = target_vector(handle, old_target, prompt, space)
+    e_new = target_vector(handle, new_target, prompt, space)
     for vec, name in ((e_old, old_target), (e_new, new_target)):
         if not torch.isfinite(vec).all() or float(vec.norm()) == 0:
             raise KneuronsError(f"target {name!r} has a zero or non-finite output embedding; cannot scale by it")
     edit = Edit(handle, "update", nrns, {"old": old_target, "new": new_target, "lambda1": lambda1,
-                                          "lambda2": lambda2})
+                                          "lambda2": lambda2, "space": space})
     with torch.no_grad():
         for l, i in nrns:
             slot = edit._save(l, i)

@@ -233,7 +233,11 @@ def _candidate_ids(handle, encs: list[Encoded], candidates) -> list[torch.Tensor
         for c in cands:
             key = (context, c)
             if key not in memo:
-                memo[key] = encode(handle, e.prompt, c).target_ids[0]
-            ids.add(memo[key])
-        out.append(torch.tensor(sorted(ids), device=handle.device))
+                try:
+                    memo[key] = encode(handle, e.prompt, c).target_ids[0]
+                except KneuronsError:  # e.g. a candidate the tokenizer cannot spell: it cannot compete
+                    memo[key] = None
+            if memo[key] is not None:
+                ids.add(memo[key])
+        out.append(torch.tensor(sorted(ids), dtype=torch.long, device=handle.device))
     return out

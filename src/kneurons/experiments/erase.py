@@ -35,12 +35,13 @@ def erase_experiment(handle, neuron_sets: list[list], erased: list[tuple[str, st
                      min_facts: int | None = None, mode: str = "unk", known_rank: int = 1,
                      known_among: str = "vocabulary", batch_size: int = 32) -> list[dict]:
     """Rows per (method, group). ``neuron_sets``: the knowledge neurons of each located fact of the relation;
-    ``random_like``: a callable ``n -> random neurons`` for the control (None: no control)."""
+    ``random_like``: a callable ``(n, exclude) -> n random neurons not in exclude`` for the control (None: no
+    control)."""
     chosen = shared_neurons(neuron_sets, min_facts=None if top_k is not None else min_facts, top_k=top_k)
     freq = Counter(tuple(n) for s in neuron_sets for n in set(map(tuple, s)))
     sets = {"kn": chosen}
     if random_like is not None and chosen:
-        sets["random"] = random_like(len(chosen))
+        sets["random"] = random_like(len(chosen), chosen)
     base = {g: measure(handle, it, known_rank, known_among, batch_size) for g, it in (("erased", erased),
                                                                                      ("other", others))}
     rows = []

@@ -29,6 +29,8 @@ def export(run_dir, fmt: str = "parquet", out=None, overwrite: bool = False) -> 
             raise KneuronsError("parquet export needs pyarrow (pip install pyarrow), or use --format csv")
     with RunStore(run_dir) as store:
         out = Path(out) if out is not None else store.dir / "export"
+        if out.exists() and not out.is_dir():
+            raise KneuronsError(f"{out} is a file, not a directory")
         if out.exists() and any(out.iterdir()) and not overwrite:
             raise KneuronsError(f"{out} exists and is not empty (pass --overwrite to replace it)")
         if not out.parent.is_dir():

@@ -26,11 +26,13 @@ from .erase import erase_experiment
 from .locate import locate_fact
 from .store import RunStore
 from .suppress import intervene_fact
-from .update import update_experiment
+from .update import shared_by_more_than, update_experiment
 
 EXPERIMENTS = ("assess", "locate", "suppress", "activations", "update", "erase")
 DEFAULT_ERASE = ["P19", "P27", "P106", "P937"]
-#: settings that do not change results (chunking, placement): a run may be resumed with other values
+#: settings that change results only by floating-point noise (chunking, placement): a run may be resumed with
+#: other values (a near-tie — a fact on the edge of "known", a neuron on the edge of the threshold — may then
+#: come out differently for the facts computed after the change)
 NOT_IDENTITY = ("device", "batch_size", "assess_batch_size")
 
 
@@ -74,24 +76,69 @@ class RunConfig:
     assess_batch_size: int = 32
     version: str = __version__
 
+    def __post_init__(self):
+        # JSON-stable forms, so that a resumed configuration compares equal to the stored one
+        self.data = str(self.data)
+        self.model = str(self.model)
+        for name in ("relations", "experiments", "erase_relations"):
+            v = getattr(self, name)
+            if v is not None:
+                setattr(self, name, [str(x) for x in ([v] if isinstance(v, str) else v)])
+
     def check(self) -> None:
+        """Every option checked before anything is written (a bad value is a one-line error)."""
+        def fraction(name):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not (0 < v <= 1):
+                raise KneuronsError(f"{name} must be in (0, 1], got {v!r}")
+
+        def at_least(name, lo, optional=False):
+            v = getattr(self, name)
+            if v is None and optional:
+                return
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise KneuronsError(f"{name} must be an integer >= {lo}, got {v!r}")
+
+        for name in ("threshold", "p", "activation_threshold"):
+            fraction(name)
+        if self.update_drop_shared is not None:
+            fraction("update_drop_shared")
+        at_least("steps", 1)
+        at_least("facts_per_relation", 1)
+        at_least("max_candidates", 1)
+        at_least("max_prompts", 2, optional=True)  # refining needs 2 prompts of a fact
+        at_least("known_rank", 1)
+        at_least("min_prompts", 1)
+        at_least("control_facts", 0)
+        at_least("control_prompts", 1)
+        at_least("bingrel_sentences", 1)
+        at_least("max_tokens", 2)
+        at_least("ppl_facts", 1)
+        at_least("erase_top_k", 1, optional=True)
+        at_least("erase_min_facts", 1, optional=True)
+        at_least("batch_size", 1, optional=True)
+        at_least("assess_batch_size", 1)
+        if self.score not in ("prob", "logprob"):
+            raise KneuronsError(f"score must be 'prob' or 'logprob', got {self.score!r}")
+        for name in ("update_lambda1", "update_lambda2"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or v != v or v in (float("inf"), float("-inf")):
+                raise KneuronsError(f"{name} must be a finite number, got {v!r}")
+        if not self.relations and self.relations is not None:
+            raise KneuronsError("relations: give at least one relation id (or none for all)")
         bad = [e for e in self.experiments if e not in EXPERIMENTS]
         if bad:
             raise KneuronsError(f"unknown experiment(s) {', '.join(bad)}; known: {', '.join(EXPERIMENTS)}")
-        if int(self.facts_per_relation) < 1:
-            raise KneuronsError("facts_per_relation must be >= 1")
         if int(self.max_candidates) < int(self.facts_per_relation):
             raise KneuronsError("max_candidates must be >= facts_per_relation")
         if self.known_among not in KNOWN_AMONG:
             raise KneuronsError(f"known_among must be one of {', '.join(KNOWN_AMONG)}")
-        if not 0 <= self.known_fraction < 1:
-            raise KneuronsError("known_fraction must be in [0, 1)")
+        if not isinstance(self.known_fraction, (int, float)) or not 0 <= self.known_fraction < 1:
+            raise KneuronsError(f"known_fraction must be in [0, 1), got {self.known_fraction!r}")
         if self.erase_mode not in ("zero", "unk"):
             raise KneuronsError("erase_mode must be 'zero' or 'unk'")
         if self.erase_top_k is None and self.erase_min_facts is None:
             raise KneuronsError("give erase_top_k or erase_min_facts")
-        if self.steps < 1:
-            raise KneuronsError("steps must be >= 1")
 
     def identity(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_IDENTITY}
@@ -242,7 +289,7 @@ class Runner:
         if self.bingrel_dir is None:
             self.store.set_meta("activations_skipped", "no bingrel/ directory next to the PARAREL data")
             return
-        missing = []
+        missing, bad = [], {}
         bar = _bar(len(self.all_known()), "activations (BingRel)", self.progress)
         for rid, items in self.known.items():
             if not (self.bingrel_dir / bingrel_filename(rid)).is_file():
@@ -252,7 +299,12 @@ class Runner:
             if all(self.store.has("activations", it.fact_id) for it in items):
                 bar.update(len(items))
                 continue
-            bags = load_bingrel(self.bingrel_dir, rid, n_facts=len(self.data.relation(rid).facts))
+            try:
+                bags = load_bingrel(self.bingrel_dir, rid, n_facts=len(self.data.relation(rid).facts))
+            except KneuronsError as exc:  # a bad file: recorded, and the run goes on (resumable)
+                bad[rid] = str(exc)
+                bar.update(len(items))
+                continue
             for it in items:
                 idx = int(it.fact_id.rsplit(":", 1)[1])
                 kn = self.sets.get(it.fact_id, {}).get("kn", [])
@@ -261,6 +313,7 @@ class Runner:
                     max_tokens=cfg.max_tokens), bar)
         bar.close()
         self.store.set_meta("activations_missing_relations", missing)
+        self.store.set_meta("activations_bad_files", bad)
 
     def _ppl_pairs(self, pool: list[FactItem]) -> list[tuple[str, str]]:
         return [(p, k.object) for k in pool for p in k.prompts[: self.cfg.control_prompts]]
@@ -271,12 +324,7 @@ class Runner:
         bar = _bar(len(known), "update", self.progress)
         for rid, items in self.known.items():
             kn_sets = {it.fact_id: self.sets.get(it.fact_id, {}).get("kn", []) for it in items}
-            drop: set = set()
-            if cfg.update_drop_shared is not None:  # the authors dropped neurons shared by > 10% of the facts
-                from collections import Counter
-
-                counts = Counter(n for s in kn_sets.values() for n in set(s))
-                drop = {n for n, c in counts.items() if c > cfg.update_drop_shared * len(kn_sets) and c > 1}
+            drop = shared_by_more_than(kn_sets.values(), cfg.update_drop_shared)
             objects = self._candidates(rid)
             for it in items:
                 kn = [n for n in kn_sets[it.fact_id] if n not in drop]
@@ -323,7 +371,8 @@ class Runner:
                             others += [(p, it.object, cands[orid]) for p in it.prompts]
                 seed = stable_seed(cfg.seed, "erase-random", rid)
                 return erase_experiment(self.h, sets, erased, others,
-                                        random_like=lambda n: random_neurons(self.h, n, seed=seed).neurons,
+                                        random_like=lambda n, exclude: random_neurons(self.h, n, seed=seed,
+                                                                                       exclude=exclude).neurons,
                                         top_k=cfg.erase_top_k, min_facts=cfg.erase_min_facts, mode=cfg.erase_mode,
                                         **rule)
             self._unit("erase", rid, rid, compute, bar)
@@ -333,6 +382,11 @@ class Runner:
     def run(self) -> RunStore:
         t0 = time.time()
         digest = weights_digest(self.h.model)
+        stored = self.store.meta("weights_digest")
+        if stored is not None and stored != digest:
+            raise KneuronsError(f"{self.store.dir} was run with other weights of {self.cfg.model!r} (SHA-256 "
+                                f"{stored[:12]}…, now {digest[:12]}…); use another --out")
+        self.store.set_meta("weights_digest", digest)
         self.phase_assess()
         n_known = len(self.all_known())
         self.log(f"{n_known} known facts in {len(self.known)} relations")

@@ -80,7 +80,8 @@ class RunStore:
             raise KneuronsError(f"run directory is a file: {d}")
         cfg_path = d / CONFIG
         if cfg_path.is_file():
-            old = cls(d).config
+            with cls(d) as existing:
+                old = existing.config
             diff = _diff(old, config)
             if diff:
                 raise KneuronsError(f"{d} holds a run with a different configuration ({'; '.join(diff)}); use "
@@ -94,6 +95,9 @@ class RunStore:
                 p.unlink()
         d.mkdir(parents=True, exist_ok=True)
         store = cls(d, _create=True)
+        if not cfg_path.is_file() and store.db.execute("SELECT count(*) FROM results").fetchone()[0]:
+            store.close()
+            raise KneuronsError(f"{d} holds results but no {CONFIG}: not resumable; use another --out")
         if not cfg_path.is_file():
             # the database exists before the config: a crash in between leaves an empty database, reused above
             atomic_write(cfg_path, lambda tmp: tmp.write_text(json.dumps(config, indent=1, sort_keys=True)),

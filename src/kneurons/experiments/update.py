@@ -12,10 +12,22 @@ inter-relation perplexity +7.2 (random +4.3).
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 from ..interventions import update_fact
 from ..prompts import assess
 from .common import FactItem, mean
+
+
+def shared_by_more_than(neuron_sets, fraction: float | None) -> set:
+    """Neurons in more than ``fraction`` of the facts' sets (and in at least 2): the authors left these out of
+    updates, as they carry the relation rather than the fact. ``None``: keep everything. With few located facts
+    per relation (e.g. 10) this drops every neuron that two facts share."""
+    if fraction is None:
+        return set()
+    sets = [set(map(tuple, s)) for s in neuron_sets]
+    counts = Counter(n for s in sets for n in s)
+    return {n for n, c in counts.items() if c > fraction * len(sets) and c > 1}
 
 
 def _ppl(res) -> float:
@@ -23,15 +35,14 @@ def _ppl(res) -> float:
 
 
 def _snapshot(handle, item: FactItem, new: str, intra, inter, batch_size: int) -> dict:
-    prompts = list(item.prompts)
-    old_res = assess(handle, prompts, item.object, batch_size=batch_size)
-    new_res = assess(handle, prompts, new, batch_size=batch_size)
-    out = {"p_old": mean(a.prob for a in old_res), "p_new": mean(a.prob for a in new_res),
-           "success1": mean(a.rank <= 1 for a in new_res), "success5": mean(a.rank <= 5 for a in new_res)}
-    for name, ctrl in (("ppl_intra", intra), ("ppl_inter", inter)):
-        res = assess(handle, [p for p, _ in ctrl], [t for _, t in ctrl], batch_size=batch_size) if ctrl else []
-        out[name] = _ppl(res)
-    return out
+    n = len(item.prompts)
+    pairs = ([(p, item.object) for p in item.prompts] + [(p, new) for p in item.prompts] + list(intra)
+             + list(inter))
+    res = assess(handle, [p for p, _ in pairs], [t for _, t in pairs], batch_size=batch_size)  # one scoring pass
+    old_res, new_res = res[:n], res[n: 2 * n]
+    return {"p_old": mean(a.prob for a in old_res), "p_new": mean(a.prob for a in new_res),
+            "success1": mean(a.rank <= 1 for a in new_res), "success5": mean(a.rank <= 5 for a in new_res),
+            "ppl_intra": _ppl(res[2 * n: 2 * n + len(intra)]), "ppl_inter": _ppl(res[2 * n + len(intra):])}
 
 
 def update_experiment(handle, item: FactItem, new_target: str, neuron_sets: dict[str, list],

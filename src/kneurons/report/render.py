@@ -327,11 +327,12 @@ def _activations(s: dict, figs: dict) -> str:
                              "(or sentences)." if act["facts"] else "No activation results in this run."))
         return "".join(out)
     rows = [[esc(b.replace("_", "-")), fmt(act["bags"].get(b, {}).get("all_facts"), "act"),
+             fmt(act["bags"].get(b, {}).get("max_all_facts"), "act"),
              str(act["bags"].get(b, {}).get("n_facts", 0)),
              fmt(act["bags"].get(b, {}).get("sentences_per_fact"), "count"), fmt(act["paper"].get(b), "act")]
             for b in BAGS]
-    out.append(table(["sentences", "mean activation (ours)", "facts", "sentences per fact", "paper"], rows,
-                     paper_cols=(4,)))
+    out.append(table(["sentences", "mean activation (ours)", "max over positions (ours)", "facts",
+                      "sentences per fact", "paper"], rows, paper_cols=(5,)))
     out.append(f'<p class="note">{act["facts_with_neurons"]} of {act["facts"]} facts had knowledge neurons and '
                "sentences.</p>")
     if "activations" in figs:
