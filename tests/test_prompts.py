@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kneurons.architectures import ARCHITECTURES
+
 from helpers import handle_for
 from kneurons import assess, encode, parse_cloze
 from kneurons.errors import KneuronsError
@@ -72,7 +74,7 @@ def test_target_with_zero_tokens(tmp_path):
         encode(h, "the capital of [MASK] .", "\u200b")
 
 
-@pytest.mark.parametrize("model_type", ["bert", "gpt2", "llama", "opt"])
+@pytest.mark.parametrize("model_type", ["bert", "gpt2", "llama", "opt", "gemma2"])  # gemma2: padding -> NaN
 def test_batched_assessing_equals_one_by_one(model_type):
     h = handle_for(model_type, dtype=torch.float64)
     if h.is_masked:
@@ -87,6 +89,25 @@ def test_batched_assessing_equals_one_by_one(model_type):
         assert a.prob == pytest.approx(b.prob, rel=1e-9) and a.rank == b.rank
         assert [p.token_id for p in a.top] == [p.token_id for p in b.top]
     assert together[2].n_target_tokens == 2
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_assess_head_on_scored_positions_equals_full_logits(model_type):
+    """assess runs the final norm + LM head only at the scored positions; the numbers equal the full logits'."""
+    h = handle_for(model_type, dtype=torch.float64)
+    if h.is_masked:
+        prompts, targets = ["the capital of [MASK] is paris .", "rome is in [MASK] , a country ."], ["france", "italy spain"]
+    else:
+        prompts, targets = ["the capital of france is ___ .", "a b c d e f g h was born in ___"], ["paris", "rome madrid"]
+    got = assess(h, prompts, targets, batch_size=8)
+    for a, p, t in zip(got, prompts, targets):
+        e = encode(h, p, t)
+        with torch.no_grad():
+            logp = torch.log_softmax(h.model(input_ids=torch.tensor([e.input_ids])).logits[0].double(), -1)
+        lp = sum(float(logp[pos, tid]) for pos, tid in zip(e.score_positions, e.target_ids))
+        assert a.logprob == pytest.approx(lp, rel=1e-9, abs=1e-12)
+        first = logp[e.score_positions[0]]
+        assert a.rank == int((first > first[e.target_ids[0]]).sum()) + 1
 
 
 def test_assess_probability_matches_model_softmax():

@@ -188,17 +188,21 @@ def assess(handle, prompts, targets, top_k: int = 5, batch_size: int = 32, candi
     cand_ids = _candidate_ids(handle, encs, candidates) if candidates is not None else None
     tok = handle.tokenizer
     out: list[Assessment] = []
-    model = handle.model
     for start in range(0, len(encs), batch_size):
         chunk = encs[start: start + batch_size]
         ids, mask = pad_batch(chunk, pad_id(tok), handle.device)
         from .hooks import blank_positions
 
         with torch.inference_mode(), blank_positions(torch.tensor([e.blank for e in chunk])):
-            logits = model(input_ids=ids, attention_mask=mask).logits
+            logits = _scored_logits(handle, ids, mask, chunk)  # [rows, target tokens, vocab]
         for r, e in enumerate(chunk):
-            pos = torch.tensor(e.score_positions, device=logits.device)
-            logp = torch.log_softmax(logits[r, pos].double(), dim=-1)
+            logp = torch.log_softmax(logits[r, : len(e.target_ids)].double(), dim=-1)
+            if len(chunk) > 1 and not torch.isfinite(logp).all():
+                # some attention implementations turn padding into NaN that leaks into real positions (e.g.
+                # eager Gemma-2 with a sliding window): score this row alone, without padding
+                one, one_mask = pad_batch([e], pad_id(tok), handle.device)
+                with torch.inference_mode(), blank_positions(torch.tensor([e.blank])):
+                    logp = torch.log_softmax(_scored_logits(handle, one, one_mask, [e])[0].double(), dim=-1)
             tgt = torch.tensor(e.target_ids, device=logits.device)
             lp = float(logp.gather(-1, tgt[:, None]).sum())
             first = logp[0]
@@ -214,6 +218,41 @@ def assess(handle, prompts, targets, top_k: int = 5, batch_size: int = 32, candi
             out.append(Assessment(e.prompt, e.target, math.exp(lp), lp, rank, correct, len(e.target_ids), top,
                                   crank))
     return out
+
+
+def _scored_logits(handle, ids: torch.Tensor, mask: torch.Tensor, chunk: list[Encoded]) -> torch.Tensor:
+    """Logits at each row's scored positions, ``[rows, max target tokens, vocab]``.
+
+    The LM head (and final norm) run only at those positions: a forward hook cuts the last block's output to
+    them (everything after the last block works position by position). If the model does not return a
+    ``[batch, seq, d]`` output from its last block, the full logits are computed and gathered instead."""
+    n = max(len(e.score_positions) for e in chunk)
+    pos = torch.tensor([list(e.score_positions) + [e.score_positions[0]] * (n - len(e.score_positions))
+                        for e in chunk], device=ids.device)
+    rows = torch.arange(len(chunk), device=ids.device)[:, None]
+    cut = {"done": False}
+
+    def hook(mod, args, out):
+        h = out[0] if isinstance(out, tuple) else out
+        if not isinstance(h, torch.Tensor) or h.dim() != 3 or h.shape[:2] != ids.shape:
+            return None
+        cut["done"] = True
+        return (h[rows, pos],) + tuple(out[1:]) if isinstance(out, tuple) else h[rows, pos]
+
+    arch = handle.arch
+    if not arch.guessed and handle.__dict__.get("_kneurons_cut_head", True):
+        hd = arch.layers[arch.n_layers - 1].register_forward_hook(hook)
+        try:
+            logits = handle.model(input_ids=ids, attention_mask=mask).logits
+            if cut["done"] and logits.shape[1] == n:
+                return logits
+        except RuntimeError as exc:
+            if "out of memory" in str(exc).lower():
+                raise
+        finally:
+            hd.remove()
+        handle.__dict__["_kneurons_cut_head"] = False  # e.g. GPT-2 reshapes to the input's shape after its blocks
+    return handle.model(input_ids=ids, attention_mask=mask).logits[rows, pos]
 
 
 def _candidate_ids(handle, encs: list[Encoded], candidates) -> list[torch.Tensor]:
