@@ -202,3 +202,37 @@ def test_overlapping_edits_must_be_reverted_last_first():
     e2.revert()
     e1.revert()
     assert weights_digest(h.model) == before
+
+
+@pytest.mark.parametrize("model_type", ["bert", "gpt2", "llama"])
+def test_gradient_space_vector_raises_the_logit_to_first_order(model_type):
+    """space="gradient": pushing the last block's output at the blank along the vector raises the target's logit
+    by eps * |g|^2 to first order (BERT: through its MLM-head transform; GPT-2/Llama: through the final norm)."""
+    from kneurons.interventions import target_vector
+    from kneurons.prompts import encode
+
+    h = handle_for(model_type, dtype=torch.float64)
+    prompt = "the capital of [MASK] is paris ." if h.is_masked else "the capital of france is ___ ."
+    target = "france" if h.is_masked else "paris"
+    g = target_vector(h, target, prompt, space="gradient")
+    enc = encode(h, prompt, target)
+    eps = 1e-5
+
+    def logit(shift):
+        def hook(mod, args, out):
+            hs = out[0] if isinstance(out, tuple) else out
+            hs = hs.clone()
+            hs[0, enc.blank] += shift
+            return (hs,) + tuple(out[1:]) if isinstance(out, tuple) else hs
+        hd = h.arch.layers[h.n_layers - 1].register_forward_hook(hook)
+        try:
+            with torch.no_grad():
+                return float(h.model(input_ids=torch.tensor([enc.input_ids])).logits[0, enc.score_positions[0],
+                                                                                      enc.target_ids[0]])
+        finally:
+            hd.remove()
+
+    gain = logit(eps * g) - logit(torch.zeros_like(g))
+    assert gain == pytest.approx(eps * float(g @ g), rel=1e-3)
+    with pytest.raises(KneuronsError, match="space"):
+        target_vector(h, target, prompt, space="sideways")
