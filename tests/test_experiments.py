@@ -338,3 +338,44 @@ def test_neuron_activations_skip_special_tokens():
         h.model(input_ids=enc["input_ids"])
     for c, (l, i) in enumerate([(0, 2), (1, 7)]):
         assert got[0, c].item() == pytest.approx(cap.acts[l][0, keep, i].mean().item(), rel=1e-9)
+
+
+# ------------------------------------------------------------------------------------ editing benchmarks
+
+def test_knowledge_neuron_edits_scored_like_other_editors(synthetic_run, tmp_path):
+    """CounterFact-format cases written from the synthetic world, edited through their knowledge neurons on the
+    trained model: reliability/generalization far above the random-neuron control, and the weights
+    bit-identical afterwards. Locality (neighbour = another subject, same relation and template) is poor —
+    measured 0.25 vs 1.0 for the control: the neurons carry the relation, and λ2 = 8 rewrites it."""
+    from kneurons import load_model
+    from kneurons.data.pararel import load_counterfact, load_pararel
+    from kneurons.experiments.editing import evaluate_edits
+    from kneurons.interventions import weights_digest
+
+    pr = load_pararel(synthetic_run / "data" / "pararel")
+    records = []
+    for rid in ("born_in", "speaks"):
+        rel = pr.relation(rid)
+        objects = sorted({f.object for f in rel.facts})
+        for j, f in enumerate(rel.facts[:4]):
+            stems = [t.replace("[X]", f.subject).split("[Y]")[0].rstrip() for t in rel.templates]
+            other = rel.facts[j + 10]
+            records.append({"case_id": f"{rid}:{j}", "subject": f.subject, "prompt": stems[0],
+                            "ground_truth": f.object, "target_new": next(o for o in objects if o != f.object),
+                            "rephrase_prompt": stems[1:],
+                            "locality_prompt": rel.templates[0].replace("[X]", other.subject).split("[Y]")[0].rstrip(),
+                            "locality_ground_truth": other.object})
+    path = tmp_path / "cf.json"
+    path.write_text(json.dumps(records))
+    cases = load_counterfact(path)
+    h = load_model(str(synthetic_run / "model"))
+    digest = weights_digest(h.model)
+    df = evaluate_edits(h, cases)
+    assert weights_digest(h.model) == digest
+    done = df[df.get("skipped").isna()] if "skipped" in df else df
+    assert done.case_id.nunique() >= 6
+    by = done.groupby("method")[["reliability", "generalization", "locality", "reliability_before"]].mean()
+    assert by.loc["kn", "reliability_before"] == 0  # the new answer was nowhere top-1 before
+    assert by.loc["kn", "reliability"] >= 0.5 and by.loc["random", "reliability"] <= 0.1
+    assert by.loc["kn", "generalization"] >= 0.5 and by.loc["random", "generalization"] <= 0.1
+    assert by.loc["random", "locality"] >= 0.9 and by.loc["kn", "locality"] < by.loc["random", "locality"]

@@ -2,12 +2,15 @@
 
 * :mod:`.assess` — which facts the model knows; :mod:`.locate` — knowledge neurons + baselines + statistics;
   :mod:`.suppress` — suppress/amplify; :mod:`.activations` — BingRel activating prompts; :mod:`.update` — fact
-  update; :mod:`.erase` — relation erasing; :mod:`.store` — the crash-safe run store; :mod:`.runner` — all of it.
+  update; :mod:`.erase` — relation erasing; :mod:`.store` — the crash-safe run store; :mod:`.runner` — all of it;
+  :mod:`.editing` — knowledge-neuron edits scored on CounterFact/zsRE cases (reliability, generalization,
+  locality).
 """
 
 from .activations import bag_activations, neuron_activations
 from .assess import assess_facts
 from .common import FactItem, controls_for, fact_items
+from .editing import edit_case, evaluate_edits
 from .erase import erase_experiment
 from .locate import locate_fact, locate_stats
 from .paper import PAPER
@@ -18,4 +21,4 @@ from .update import update_experiment
 
 __all__ = ["assess_facts", "locate_fact", "locate_stats", "intervene_fact", "bag_activations",
            "neuron_activations", "update_experiment", "erase_experiment", "FactItem", "fact_items", "controls_for",
-           "RunConfig", "Runner", "run", "RunStore", "EXPERIMENTS", "PAPER"]
+           "RunConfig", "Runner", "run", "RunStore", "EXPERIMENTS", "PAPER", "edit_case", "evaluate_edits"]

@@ -402,7 +402,7 @@ def _fmt(v, unit: str) -> str:
     if unit == "count":
         return f"{v:.2f}"
     if unit == "perplexity":
-        return f"{v:+.2f}"
+        return f"{v:+.3g}" if abs(v) >= 1e6 else f"{v:+.2f}"
     return f"{v:.3f}"
 
 

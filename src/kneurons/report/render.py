@@ -50,8 +50,8 @@ def fmt(v, kind: str = "num") -> str:
     if kind == "fraction_range":
         return f"{fmt(v[0], 'fraction')} .. {fmt(v[1], 'fraction')}"
     v = float(v)
-    if kind == "fraction":
-        return f"{v * 100:+.2f}%".replace("-", "−")
+    if kind == "fraction":  # huge changes (a broken model) in scientific notation, so that tables stay readable
+        return (f"{v * 100:+.3g}%" if abs(v) >= 1e4 else f"{v * 100:+.2f}%").replace("-", "−")
     if kind == "share":
         return f"{v * 100:.1f}%"
     if kind == "count":
