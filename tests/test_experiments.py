@@ -112,6 +112,8 @@ def test_fact_items_and_bad_options(tmp_path):
         RunConfig(model="m", data=".", experiments=["assess", "teleport"]).check()
     with pytest.raises(KneuronsError, match="known_among"):
         RunConfig(model="m", data=".", known_among="vibes").check()
+    with pytest.raises(KneuronsError, match="update_space"):
+        RunConfig(model="m", data=".", update_space="sideways").check()
     from kneurons.experiments.runner import pararel_dirs
     with pytest.raises(KneuronsError, match="neither pararel/query_pairs.json"):
         pararel_dirs(tmp_path)

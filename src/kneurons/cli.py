@@ -394,7 +394,7 @@ def _run_config(args):
         known_rank=args.known_rank, known_among=args.known_among, steps=args.steps, threshold=args.threshold,
         p=args.p, min_prompts=args.min_prompts, adaptive=not args.fixed_p, score=args.score,
         bingrel_sentences=args.bingrel_sentences, max_tokens=args.max_tokens, update_lambda1=args.lambda1,
-        update_lambda2=args.lambda2,
+        update_lambda2=args.lambda2, update_space=args.update_space,
         update_drop_shared=none_if(args.update_drop_shared), erase_relations=args.erase_relations,
         erase_top_k=none_if(args.erase_top_k), erase_min_facts=args.erase_min_facts, erase_mode=args.erase_mode,
         dtype=args.dtype, device=args.device, batch_size=args.batch_size)
@@ -549,6 +549,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lambda2", type=float, default=8.0)
     p.add_argument("--update-drop-shared", type=float, default=0.1,
                    help="update: drop neurons shared by more than this fraction of the relation's facts (0: keep)")
+    p.add_argument("--update-space", choices=["embedding", "gradient"], default="embedding",
+                   help="update: the paper's unembedding rows, or the logit gradient through the head (masked LMs)")
     p.add_argument("--bingrel-sentences", type=int, default=10, help="activations: sentences per bag (default 10)")
     p.add_argument("--max-tokens", type=int, default=128, help="activations: truncate sentences (default 128)")
     p.add_argument("--erase-relations", nargs="+", default=["P19", "P27", "P106", "P937"])

@@ -65,6 +65,7 @@ class RunConfig:
     update_lambda1: float = 1.0
     update_lambda2: float = 8.0
     update_drop_shared: float | None = 0.1
+    update_space: str = "embedding"
     ppl_facts: int = 5
     erase_relations: list[str] | None = field(default_factory=lambda: list(DEFAULT_ERASE))
     erase_top_k: int | None = 20
@@ -135,6 +136,8 @@ class RunConfig:
             raise KneuronsError(f"known_among must be one of {', '.join(KNOWN_AMONG)}")
         if not isinstance(self.known_fraction, (int, float)) or not 0 <= self.known_fraction < 1:
             raise KneuronsError(f"known_fraction must be in [0, 1), got {self.known_fraction!r}")
+        if self.update_space not in ("embedding", "gradient"):
+            raise KneuronsError(f"update_space must be 'embedding' or 'gradient', got {self.update_space!r}")
         if self.erase_mode not in ("zero", "unk"):
             raise KneuronsError("erase_mode must be 'zero' or 'unk'")
         if self.erase_top_k is None and self.erase_min_facts is None:
@@ -343,7 +346,8 @@ class Runner:
                     intra = self._ppl_pairs(r.sample(same, min(cfg.ppl_facts, len(same))))
                     inter = self._ppl_pairs(r.sample(other, min(cfg.ppl_facts, len(other))))
                     return update_experiment(self.h, it, new, {"kn": kn, "random": rnd}, intra, inter,
-                                             cfg.update_lambda1, cfg.update_lambda2, cfg.assess_batch_size)
+                                             cfg.update_lambda1, cfg.update_lambda2, cfg.assess_batch_size,
+                                             space=cfg.update_space)
                 self._unit("update", it.fact_id, rid, compute, bar)
         bar.close()
 

@@ -47,7 +47,7 @@ def _snapshot(handle, item: FactItem, new: str, intra, inter, batch_size: int) -
 
 def update_experiment(handle, item: FactItem, new_target: str, neuron_sets: dict[str, list],
                       intra: list[tuple[str, str]], inter: list[tuple[str, str]], lambda1: float = 1.0,
-                      lambda2: float = 8.0, batch_size: int = 32) -> list[dict]:
+                      lambda2: float = 8.0, batch_size: int = 32, space: str = "embedding") -> list[dict]:
     """One row per method (``kn``, ``random``, ...) whose neuron set is not empty; ``intra``/``inter``:
     ``(prompt, gold)`` pairs for the perplexities."""
     before = _snapshot(handle, item, new_target, intra, inter, batch_size)
@@ -56,7 +56,7 @@ def update_experiment(handle, item: FactItem, new_target: str, neuron_sets: dict
         if not neurons:
             continue
         with update_fact(handle, neurons, item.object, new_target, prompt=item.prompts[0], lambda1=lambda1,
-                         lambda2=lambda2):
+                         lambda2=lambda2, space=space):
             after = _snapshot(handle, item, new_target, intra, inter, batch_size)
         row = {"method": method, "old": item.object, "new": new_target, "n_neurons": len(neurons),
                "n_intra": len(intra), "n_inter": len(inter)}
