@@ -51,7 +51,6 @@ hf_logging.set_verbosity_error()
 import kneurons  # noqa: E402
 from kneurons import ModelHandle  # noqa: E402
 from kneurons.attribution import integrated_gradients  # noqa: E402
-from kneurons.attribution import DEFAULT_BATCH_SIZE, default_rows_per_pass  # noqa: E402
 from kneurons.hooks import ffn_hooks  # noqa: E402
 from kneurons.prompts import encode  # noqa: E402
 
@@ -331,11 +330,12 @@ def bench_model(name, handle, prompt, target, args, device, eleuther=None, eleut
 
     # --- kneurons: batch-size sweep, one timed call per size (after one warm-up call), then the fastest size
     # and the default are timed again (median of --repeats-fast)
-    run_len = len(enc.target_ids) if handle.is_causal else len(enc.input_ids)  # positions each row runs
-    default_bs = DEFAULT_BATCH_SIZE or default_rows_per_pass(steps, run_len)
-    n_rows = handle.n_layers * (steps + 1)
+    # the rows per pass the engine picks by default (it depends on the model's head, see default_rows_per_pass)
+    default_bs = integrated_gradients(handle, prompt, target, steps=steps, layers=[0]).params["rows_per_pass"]
+    n_rows = handle.n_layers * steps  # + the clean run, which holds every layer's alpha = 1 row
+    default_bs = min(default_bs, n_rows)
     sizes = [default_bs] if args.quick else sorted(
-        {steps + 1, 4 * (steps + 1), default_bs, n_rows})
+        {steps, 4 * steps, default_bs, n_rows})
     if args.batch_sizes:
         sizes = sorted(set(args.batch_sizes))
 
@@ -346,7 +346,7 @@ def bench_model(name, handle, prompt, target, args, device, eleuther=None, eleut
     sweep = {bs: measure(ours(bs), device, 1) for bs in sizes}
     best_bs = min(sweep, key=lambda b: sweep[b][0])
     if len(sizes) > 1:
-        print(f"  kneurons batch_size sweep, one call each (rows = layers x (m+1) = {n_rows}):  "
+        print(f"  kneurons batch_size sweep, one call each (rows = layers x m = {n_rows}, plus one clean run):  "
               + "  ".join(f"{bs}: {sweep[bs][0]:.2f}s" + (" (default)" if bs == default_bs else "")
                           for bs in sizes) + f"   -> fastest {best_bs}")
     if args.repeats_fast > 1:

@@ -79,12 +79,68 @@ def test_shortcuts_do_not_change_results(model_type):
     h = handle_for(model_type, dtype=torch.float64)
     prompt, target = (MLM_PROMPT, "france") if h.is_masked else (PROMPT, "paris berlin")
     a = integrated_gradients(h, prompt, target, steps=5)
-    b = integrated_gradients(h, prompt, target, steps=5, use_cache=False, replay=False, slice_head=False)
+    b = integrated_gradients(h, prompt, target, steps=5, use_cache=False, replay=False, slice_head=False,
+                             fused_head=False)
     assert a.params["use_cache"] == h.is_causal and not b.params["use_cache"]
     assert a.params["head_on_scored_positions"] == h.is_masked and not b.params["head_on_scored_positions"]
+    assert a.params["fused_head"] and not b.params["fused_head"]
     assert _rel_err(a.scores, b.scores) <= 1e-10
+    assert torch.allclose(a.baseline_scores, b.baseline_scores, rtol=1e-10)
     c = integrated_gradients(h, prompt, target, steps=5, use_cache=False)
     assert _rel_err(c.scores, b.scores) <= 1e-10
+
+
+@pytest.mark.parametrize("model_type", ["bert", "gpt2", "llama"])
+@pytest.mark.parametrize("steps", [1, 2, 3])
+def test_few_steps_match_reference(model_type, steps):
+    # the alpha = 1 term comes from the clean run's backward pass; with m = 1 it is the whole sum
+    h = handle_for(model_type, dtype=torch.float64)
+    prompt, target = (MLM_PROMPT, "france") if h.is_masked else (PROMPT, "paris berlin")
+    ref = naive_ig(h, prompt, target, steps=steps)
+    for bs in (1, 1000):
+        got = integrated_gradients(h, prompt, target, steps=steps, batch_size=bs)
+        assert _rel_err(got.scores, ref) <= 1e-6, bs  # float64 round-off on scores ~1e-8
+        assert torch.isfinite(got.baseline_scores).all()
+
+
+def test_fused_head_over_many_vocabulary_chunks(monkeypatch):
+    # chunk the 256-word vocabulary into 16-row pieces (the online log-sum-exp crosses 16 chunks)
+    h = handle_for("bert", dtype=torch.float64)
+    one = integrated_gradients(h, MLM_PROMPT, "france", steps=4)
+    monkeypatch.setattr("kneurons.attribution.HEAD_CHUNK_BYTES", 1)
+    many = integrated_gradients(h, MLM_PROMPT, "france", steps=4)
+    plain = integrated_gradients(h, MLM_PROMPT, "france", steps=4, fused_head=False)
+    assert many.params["fused_head"] and not plain.params["fused_head"]
+    assert _rel_err(many.scores, plain.scores) <= 1e-12 and _rel_err(one.scores, plain.scores) <= 1e-12
+    assert torch.allclose(many.baseline_scores, plain.baseline_scores, rtol=1e-12)
+
+
+def test_fused_head_function_against_log_softmax():
+    from kneurons.attribution import _HeadLogProb
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 8, dtype=torch.float64) * 3
+    w, b = torch.randn(37, 8, dtype=torch.float64), torch.randn(37, dtype=torch.float64)
+    tgt = torch.tensor([0, 36, 5, 5, 17])
+    for chunk, bias in ((7, b), (37, None), (100, b)):
+        xa = x.clone().requires_grad_(True)
+        ref = torch.log_softmax(torch.nn.functional.linear(xa, w, bias), -1)[torch.arange(5), tgt]
+        g_ref, = torch.autograd.grad(ref.sum(), xa)
+        xb = x.clone().requires_grad_(True)
+        got = _HeadLogProb.apply(xb, w, bias, tgt, chunk, True)
+        g_got, = torch.autograd.grad(got.sum(), xb)
+        assert torch.allclose(got, ref, rtol=1e-12, atol=1e-12)
+        assert torch.allclose(g_got, g_ref, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda t: _HeadLogProb.apply(t, w, b, tgt, 7, True), (x.clone().requires_grad_(True),))
+
+
+def test_model_that_post_processes_logits_keeps_its_own_head():
+    # Gemma-2 soft-caps its logits after the LM head: the fused head must not replace it
+    h = handle_for("gemma2", dtype=torch.float64)
+    assert h.model.config.final_logit_softcapping
+    got = integrated_gradients(h, PROMPT, "paris", steps=4)
+    assert got.params["fused_head"] is False
+    assert _rel_err(got.scores, naive_ig(h, PROMPT, "paris", steps=4)) <= 1e-6  # as before the fused head
 
 
 def test_completeness_converges_with_steps():

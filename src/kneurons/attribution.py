@@ -18,8 +18,15 @@ How it is fast — the numbers are those of the plain definition (tests compare 
 3. causal models: positions before the blank never see the patch, so the prompt prefix is run once and kept
    as a KV cache; each row runs only the blank position and the teacher-forced target positions;
 4. rows of all layers and steps share batches (sorted by layer, cut into ``batch_size`` rows);
-5. gradients flow only to the scaled activations: parameters are frozen during attribution.
+5. gradients flow only to the scaled activations: parameters are frozen during attribution;
+6. the LM head is scored by a fused function streamed over vocabulary chunks: each chunk of the unembedding
+   matrix is read once for the logits, the running log-sum-exp and the softmax-weighted sum of unembeddings
+   that the gradient needs (``dlogp/dh = e_t - E_p[e]``), and no ``[rows, vocab]`` logits tensor is kept.
+   Used only where the clean run shows the model returns its plain ``nn.Linear`` head's output unchanged
+   (no soft-capping or scaling) in float32/float64; otherwise the model's own logits are scored.
 
+The ``k = m`` (``alpha = 1``) term of every layer comes from the clean run itself: one backward pass gives the
+gradient w.r.t. a unit scale on each layer's blank activation, ``w * dP/dw`` at ``alpha = 1``.
 A forward-only row with ``alpha = 0`` per layer reports completeness: ``sum_i Attr_i`` vs ``P(w) - P(0)``.
 """
 
@@ -41,25 +48,28 @@ import torch
 from . import __version__
 from ._io import atomic_write
 from .errors import KneuronsError
-from .hooks import capture_layer_outputs, ffn_hooks, frozen_parameters, replay_layers
+from .hooks import capture_layer_outputs, ffn_hooks, frozen_parameters, head_inputs, replay_layers
 from .prompts import Encoded, encode
 
 SCORES = ("prob", "logprob")
 # cache layer types whose update() rebinds its tensors (never writes into them): safe to shallow-copy
 _SHALLOW_COPY_LAYERS = {"DynamicLayer", "DynamicSlidingWindowLayer"}
 DEFAULT_BATCH_SIZE = None  # whole layers, about DEFAULT_TOKENS_PER_PASS row-positions per pass
-DEFAULT_LAYERS_PER_PASS = 4  # fastest on a 2-core CPU for GPT-2, BERT-base and SmolLM2 shapes (benchmarks/)
-DEFAULT_TOKENS_PER_PASS = 2048  # and at most this many row-positions per pass (memory ~ this x layers)
-
-
+DEFAULT_TOKENS_PER_PASS = 2048  # at most this many row-positions per pass on CPU (memory ~ this x layers)
 DEFAULT_TOKENS_PER_PASS_GPU = 16384  # on a GPU bigger passes win (H200: all 252 rows of BERT-base in one pass)
+DEFAULT_LOGITS_PER_PASS = 1 << 22  # without the fused head: at most this many logits ([rows, positions, vocab])
+HEAD_CHUNK_BYTES = 8 << 20  # vocabulary chunk of the fused head: this many bytes of the unembedding matrix
 
 
-def default_rows_per_pass(steps: int, positions: int, device: str = "cpu") -> int:
-    """Rows per forward/backward pass when ``batch_size`` is not given."""
-    if str(device).startswith("cuda"):
-        return max(steps + 1, DEFAULT_TOKENS_PER_PASS_GPU // max(1, positions))
-    return max(steps + 1, min(DEFAULT_LAYERS_PER_PASS * (steps + 1), DEFAULT_TOKENS_PER_PASS // max(1, positions)))
+def default_rows_per_pass(steps: int, positions: int, device: str = "cpu", logits_per_row: int = 0) -> int:
+    """Rows per forward/backward pass when ``batch_size`` is not given: a budget of row-positions (each row
+    runs ``positions`` positions through the blocks) and, where the model's own head materialises logits,
+    of logits (``logits_per_row`` = scored positions x vocabulary; 0 with the fused head)."""
+    tokens = DEFAULT_TOKENS_PER_PASS_GPU if str(device).startswith("cuda") else DEFAULT_TOKENS_PER_PASS
+    rows = tokens // max(1, positions)
+    if logits_per_row:
+        rows = min(rows, DEFAULT_LOGITS_PER_PASS // logits_per_row)
+    return max(steps, rows)
 
 
 def model_info(handle) -> dict:
@@ -173,21 +183,67 @@ def _out_cache(out):
     return None
 
 
+class _HeadLogProb(torch.autograd.Function):
+    """``log softmax(x W^T + b)[target]`` per row of ``x`` ``[N, d]``, streamed over vocabulary chunks.
+
+    Forward keeps a running max and sum of exponentials (online log-sum-exp) and, when a gradient is wanted,
+    the running softmax-weighted sum of unembedding rows ``A = sum_v p_v W_v``; backward is then
+    ``dlogp/dx = W_target - A`` with no further pass over the vocabulary. ``weight``/``bias`` get no gradient
+    (the engine freezes parameters).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, target, chunk: int, need_grad: bool):
+        n, d = x.shape
+        m = torch.full((n,), -math.inf, dtype=x.dtype, device=x.device)
+        s = torch.zeros(n, dtype=x.dtype, device=x.device)
+        acc = torch.zeros(n, d, dtype=x.dtype, device=x.device) if need_grad else None
+        for a in range(0, weight.shape[0], chunk):
+            w = weight[a:a + chunk]
+            z = x @ w.t() if bias is None else torch.addmm(bias[a:a + chunk], x, w.t())
+            new_m = torch.maximum(m, z.amax(1))
+            rescale = torch.exp(m - new_m)
+            z.sub_(new_m[:, None]).exp_()
+            s = s * rescale + z.sum(1)
+            if acc is not None:
+                acc.mul_(rescale[:, None]).addmm_(z, w)
+            m = new_m
+        w_t = weight[target]
+        z_t = (x * w_t).sum(1) + (bias[target] if bias is not None else 0)
+        if acc is not None:
+            acc.div_(s[:, None])
+            ctx.save_for_backward(w_t, acc)
+        return z_t - (m + s.log())
+
+    @staticmethod
+    def backward(ctx, grad):
+        w_t, acc = ctx.saved_tensors
+        return grad[:, None] * (w_t - acc), None, None, None, None, None
+
+
 class _Runner:
     """Runs the model on the 'moving part' of one encoded prompt for a batch of rows."""
 
-    def __init__(self, handle, enc: Encoded, use_cache: bool, slice_head: bool = True):
+    def __init__(self, handle, enc: Encoded, use_cache: bool, slice_head: bool = True, fused_head: bool = True):
         self.handle = handle
         self.model = handle.model
         dev = handle.device
         ids = torch.tensor([enc.input_ids], device=dev)
+        head = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        self.head = head if (isinstance(head, torch.nn.Linear) and type(head).forward is torch.nn.Linear.forward
+                             and head.weight.dim() == 2) else None
+        # decided on the clean run (validate_fused_head)
+        self.fused_candidate = bool(fused_head and self.head is not None
+                                    and self.head.weight.dtype in (torch.float32, torch.float64))
+        self.fused = False
         self.kv = bool(use_cache and handle.is_causal and enc.blank >= 1)
         self.cache = None
         if self.kv:
             self.cache_kw = _cache_kwarg(self.model)
-            with torch.no_grad():
+            skip_head = head_inputs(self.head, []) if self.head is not None else contextlib.nullcontext()
+            with torch.no_grad(), skip_head:  # only the KV cache is used: the LM head is not computed
                 extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(self.model.forward).parameters else {}
-                out = self.model(input_ids=ids[:, : enc.blank], use_cache=True, **extra)  # only the KV cache is used
+                out = self.model(input_ids=ids[:, : enc.blank], use_cache=True, **extra)
             self.cache = _out_cache(out)
             if self.cache is None or not hasattr(self.cache, "batch_repeat_interleave"):
                 self.kv = False
@@ -267,11 +323,57 @@ class _Runner:
             if handle is not None:
                 handle.remove()
 
+    def _scored(self, t: torch.Tensor) -> torch.Tensor:
+        n = len(self.positions)
+        return t if (t.shape[1] == n and self.positions_are_range) else t[:, self.pos_t]
+
+    @contextlib.contextmanager
+    def clean_head_check(self):
+        """Around the clean run: record the LM head's input and output, to decide whether the fused head may
+        replace it (see :meth:`validate_fused_head`)."""
+        self._head_io = []
+        if not self.fused_candidate:
+            yield
+            return
+
+        def keep(mod, args, out):
+            self._head_io.append((args[0].detach(), out.detach() if isinstance(out, torch.Tensor) else None))
+
+        hook = self.head.register_forward_hook(keep)
+        try:
+            yield
+        finally:
+            hook.remove()
+
+    def validate_fused_head(self, logits: torch.Tensor) -> None:
+        """Use the fused head only if the model returned its head's output unchanged on the clean run and the
+        fused score equals the model's."""
+        io, self._head_io = self._head_io, []
+        if not self.fused_candidate or len(io) != 1 or io[0][1] is None:
+            return
+        x, y = io[0]
+        if y.shape != logits.shape or y.dtype != logits.dtype or not torch.equal(y, logits):
+            return  # the model post-processes its logits (soft-capping, scaling, ...)
+        with torch.no_grad():
+            ref = self.logprob(logits)
+            mine = self.fused_logprob(x, need_grad=False)
+        if bool(torch.isfinite(ref).all()) and torch.allclose(mine, ref, rtol=1e-5, atol=1e-5):
+            self.fused = True
+
+    def fused_logprob(self, x: torch.Tensor, need_grad: bool) -> torch.Tensor:
+        """``sum_j log p(target_j)`` per row from the LM head's input ``x`` ``[rows, positions, d]``."""
+        sel = self._scored(x)
+        rows, n, d = sel.shape
+        w = self.head.weight
+        chunk = max(16, HEAD_CHUNK_BYTES // (w.shape[1] * w.element_size()))
+        tgt = self.tgt_t.repeat(rows)
+        lp = _HeadLogProb.apply(sel.reshape(rows * n, d).to(w.dtype), w, self.head.bias, tgt, chunk, need_grad)
+        return lp.view(rows, n).sum(-1)
+
     def logprob(self, logits: torch.Tensor) -> torch.Tensor:
         """``sum_j log p(target_j)`` per row, as ``z_t - logsumexp(z)`` (no full log-softmax tensor)."""
         n = len(self.positions)
-        whole = logits.shape[1] == n and self.positions_are_range
-        sel = logits if whole else logits[:, self.pos_t]  # [rows, T, vocab]
+        sel = self._scored(logits)  # [rows, T, vocab]
         if sel.dtype in (torch.float16, torch.bfloat16):
             sel = sel.float()
         tgt = self.tgt_t.view(1, n, 1).expand(sel.shape[0], n, 1)
@@ -309,28 +411,29 @@ def _check_params(steps, score, batch_size):
 
 def integrated_gradients(handle, prompt: str, target: str, steps: int = 20, score: str = "prob",
                          batch_size: int | None = DEFAULT_BATCH_SIZE, layers=None, use_cache: bool = True,
-                         replay: bool = True, slice_head: bool = True,
+                         replay: bool = True, slice_head: bool = True, fused_head: bool = True,
                          progress: Callable[[int], None] | None = None) -> Attribution:
     """Attribute ``target`` at the blank of ``prompt`` to every FFN neuron of ``layers`` (default all).
 
     ``batch_size`` bounds the rows (layer x step) per forward/backward pass — the memory budget; results do not
-    depend on it. Chunks hold whole layers when ``batch_size >= steps + 1``; the default (``None``) is four
-    layers per pass on CPU (fastest in ``benchmarks/``) and larger passes on a GPU. ``use_cache``/``replay``/
-    ``slice_head`` switch the shortcuts off (the results are the same either way). ``progress(n)`` is called
-    with the number of rows just finished. Works inside ``torch.inference_mode()``; the model's train/eval mode
-    and its parameters' ``requires_grad`` are restored afterwards, also on error.
+    depend on it. Chunks hold whole layers when ``batch_size >= steps``; the default (``None``) fills a pass with
+    about ``DEFAULT_TOKENS_PER_PASS`` row-positions on CPU (more on a GPU; fewer rows where the model's own head
+    must materialise logits) — the value used is in ``params["rows_per_pass"]``. ``use_cache``/``replay``/
+    ``slice_head``/``fused_head`` switch the shortcuts off (the results are the same either way). ``progress(n)``
+    is called with the number of rows just finished. Works inside ``torch.inference_mode()``; the model's
+    train/eval mode and its parameters' ``requires_grad`` are restored afterwards, also on error.
     """
     was_training = handle.model.training
     try:
         with torch.inference_mode(False):
             return _integrated_gradients(handle, prompt, target, steps, score, batch_size, layers, use_cache, replay,
-                                         slice_head, progress)
+                                         slice_head, fused_head, progress)
     finally:
         handle.model.train(was_training)
 
 
 def _integrated_gradients(handle, prompt, target, steps, score, batch_size, layers, use_cache, replay, slice_head,
-                          progress) -> Attribution:
+                          fused_head, progress) -> Attribution:
     _check_params(steps, score, batch_size)
     devices = set(map(str, (getattr(handle.model, "hf_device_map", None) or {}).values()))
     if len(devices) > 1:
@@ -344,40 +447,72 @@ def _integrated_gradients(handle, prompt, target, steps, score, batch_size, laye
     _check_producible(handle, enc)
     model = handle.model
     model.eval()
-    run = _Runner(handle, enc, use_cache, slice_head)
+    run = _Runner(handle, enc, use_cache, slice_head, fused_head)
 
-    # 1. clean run: blank activations of every layer + every block's output (for replay)
+    # 1. clean run = the alpha = 1 row of every layer at once: blank activations of every layer, every block's
+    #    output (for replay), and from one backward pass the gradient w.r.t. a unit scale on each chosen
+    #    layer's blank activation, i.e. w * dS/dw at alpha = 1 (the k = m term of every layer's sum)
     acts: dict[int, torch.Tensor] = {}
+    units: dict[int, torch.Tensor] = {}
+    chosen = set(layers)
 
     def grab(layer, x):
         acts[layer] = x[0, run.blank].detach().clone()
+        if layer not in chosen:
+            return None
+        units[layer] = torch.ones_like(acts[layer], requires_grad=True)
+        y = x.clone()
+        y[:, run.blank] = x[:, run.blank] * units[layer].to(x.dtype)  # x * 1: the values are unchanged
+        return y
 
-    try:
-        with torch.no_grad(), ffn_hooks(arch, grab), capture_layer_outputs(arch, range(L)) as outputs:
-            logits = run.forward(1)
-    except RuntimeError as exc:
-        if _is_oom(exc) or not run.slice_ok:
-            raise
-        run.sliced = False
-    if run.slice_ok and not run.sliced:  # the model reshapes after its last block: score the full sequence
-        run.disable_slicing()
-        with torch.no_grad(), ffn_hooks(arch, grab), capture_layer_outputs(arch, range(L)) as outputs:
-            logits = run.forward(1)
+    def clean_run():
+        with torch.enable_grad(), ffn_hooks(arch, grab), capture_layer_outputs(arch, range(L)) as outs, \
+                run.clean_head_check():
+            return run.forward(1), outs
+
+    with frozen_parameters(model):
+        try:
+            logits, outputs = clean_run()
+        except RuntimeError as exc:
+            if _is_oom(exc) or not run.slice_ok:
+                raise
+            run.sliced = False
+        if run.slice_ok and not run.sliced:  # the model reshapes after its last block: score the full sequence
+            run.disable_slicing()
+            logits, outputs = clean_run()
+        with torch.enable_grad():
+            base_lp = run.logprob(logits)[0]
+            unit_grads = torch.autograd.grad(base_lp, [units[l] for l in layers])
+    run.validate_fused_head(logits.detach())
+    del logits
     W = torch.stack([acts[l] for l in range(L)])  # [L, d_ff]
-    base_lp = run.logprob(logits)[0]
-    base = float(base_lp.exp() if score == "prob" else base_lp)
+    base_lp = base_lp.detach().float() if base_lp.dtype in (torch.float16, torch.bfloat16) else base_lp.detach()
+    base_s = base_lp.exp() if score == "prob" else base_lp
+    base = float(base_s)
+    acc_dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
+    grad_sum = torch.zeros(L, arch.d_ff, dtype=acc_dtype, device=W.device)  # sum over k < m of dS/dw
+    last_term = torch.zeros(L, arch.d_ff, dtype=acc_dtype, device=W.device)  # w * dS/dw at k = m
+    for l, g in zip(layers, unit_grads):
+        g = g.to(base_s.dtype) * base_s if score == "prob" else g  # dP = P * dlogP (see run_rows)
+        last_term[l] = g.to(acc_dtype)
+    del unit_grads, units
+    if progress is not None:
+        progress(len(layers))
 
-    # 2. rows: (layer, k) for k = 1..steps, sorted by layer; then one forward-only row per layer at alpha = 0
-    row_layer = torch.tensor([l for l in layers for _ in range(steps)])
-    row_k = torch.tensor([k for _ in layers for k in range(1, steps + 1)])
-    grad_sum = torch.zeros(L, arch.d_ff, dtype=torch.float64 if W.dtype == torch.float64 else torch.float32,
-                           device=W.device)
+    # 2. rows: (layer, k) for k = 0..steps-1, sorted by layer. k >= 1 are the integration points below alpha = 1;
+    #    k = 0 (alpha = 0) is the completeness diagnostic, scored in the same passes but not differentiated
+    row_layer = torch.tensor([l for l in layers for _ in range(steps)], dtype=torch.long)
+    row_k = torch.tensor([k for _ in layers for k in range(steps)], dtype=torch.long)
     layer_zero = torch.full((L,), float("nan"), dtype=torch.float64)
-    rows_per_pass = batch_size or default_rows_per_pass(steps, run.ids.shape[1], handle.device.type)
+    vocab = int(arch.unembedding().shape[0])
+    rows_per_pass = batch_size or default_rows_per_pass(
+        steps, run.ids.shape[1], handle.device.type, 0 if run.fused else len(run.positions) * vocab)
 
-    def run_rows(rl: torch.Tensor, alpha: torch.Tensor, need_grad: bool):
-        """Score rows (layer ``rl[r]`` scaled by ``alpha[r]`` at the blank); gradients w.r.t. the scaled rows."""
+    def run_rows(rl: torch.Tensor, alpha: torch.Tensor, grad_rows: torch.Tensor):
+        """Score rows (layer ``rl[r]`` scaled by ``alpha[r]`` at the blank); gradients of the ``grad_rows``
+        scores w.r.t. their scaled activations."""
         R = len(rl)
+        need_grad = bool(grad_rows.any())
         scaled = alpha.to(W.dtype).to(W.device)[:, None] * W[rl.to(W.device)]
         if need_grad:
             scaled.requires_grad_(True)
@@ -395,8 +530,13 @@ def _integrated_gradients(handle, prompt, target, steps, score, batch_size, laye
         def attempt(active, cached):
             with (torch.enable_grad() if need_grad else torch.no_grad()), ffn_hooks(arch, patch, present), \
                     replay_layers(arch, cached, R, active):
-                lp = run.logprob(run.forward(R, active))
-                g = torch.autograd.grad(lp.sum(), scaled)[0] if need_grad else None
+                if run.fused:  # the model runs up to its LM head; the fused head scores the rows
+                    with head_inputs(run.head, [], placeholder="expand") as head_in:
+                        run.forward(R, active)
+                    lp = run.fused_logprob(head_in[-1], need_grad)
+                else:
+                    lp = run.logprob(run.forward(R, active))
+                g = torch.autograd.grad(lp[grad_rows.to(lp.device)].sum(), scaled)[0] if need_grad else None
             lp = lp.detach().float() if lp.dtype in (torch.float16, torch.bfloat16) else lp.detach()
             s = lp.exp() if score == "prob" else lp
             if g is not None and score == "prob":
@@ -425,27 +565,25 @@ def _integrated_gradients(handle, prompt, target, steps, score, batch_size, laye
     with frozen_parameters(model):
         for start, stop in _chunks(len(layers), steps, rows_per_pass):
             rl, rk = row_layer[start:stop], row_k[start:stop]
-            _, g = run_rows(rl, rk.double() / steps, need_grad=True)
-            grad_sum.index_add_(0, rl.to(grad_sum.device), g.detach().to(grad_sum.dtype))
+            grad_rows = rk > 0
+            s, g = run_rows(rl, rk.double() / steps, grad_rows)
+            if g is not None:
+                grad_sum.index_add_(0, rl[grad_rows].to(grad_sum.device),
+                                    g[grad_rows.to(g.device)].detach().to(grad_sum.dtype))
+            for l, v in zip(rl[~grad_rows].tolist(), s[(~grad_rows).to(s.device)].tolist()):
+                layer_zero[l] = float(v)  # the score with layer l's blank activation set to 0
             del g
             if progress is not None:
                 progress(len(rl))
-        # completeness diagnostic: the score with layer l's blank activation set to 0, forward only
-        zl = torch.tensor(layers)
-        for start, stop in _chunks(len(layers), 1, rows_per_pass):
-            s0, _ = run_rows(zl[start:stop], torch.zeros(stop - start), need_grad=False)
-            for i, l in enumerate(zl[start:stop].tolist()):
-                layer_zero[l] = float(s0[i])
-            if progress is not None:
-                progress(stop - start)
-    scores = (W.to(grad_sum.dtype) * grad_sum / steps)
+    scores = (W.to(grad_sum.dtype) * grad_sum + last_term) / steps
     mask = torch.zeros(L, dtype=torch.bool)
     mask[layers] = True
     scores[~mask.to(scores.device)] = 0
     out_dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
-    params = {"steps": steps, "score": score, "batch_size": batch_size, "layers": layers, "baseline": "zero",
+    params = {"steps": steps, "score": score, "batch_size": batch_size, "rows_per_pass": rows_per_pass,
+              "layers": layers, "baseline": "zero",
               "position": "blank", "use_cache": run.kv, "replay": replay,
-              "head_on_scored_positions": run.slice_ok,
+              "head_on_scored_positions": run.slice_ok, "fused_head": run.fused,
               "partial_blocks": bool(replay and run.staircase_ok)}
     return Attribution(scores.to(out_dtype).cpu(), W.to(out_dtype).cpu(), prompt, enc.target, enc.target_ids, base,
                        layer_zero, params, model_info(handle))

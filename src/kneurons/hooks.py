@@ -6,7 +6,9 @@ projection and calls ``fn(layer, x)`` with the projection's input ``x`` (``[batc
 a replacement tensor or ``None`` (leave unchanged). Hooks are always removed on exit, also on error.
 
 :func:`replay_layers` is the one compute shortcut: blocks below a patched layer are identical for every row of
-a batch, so their outputs are replayed from a cached clean run instead of recomputed.
+a batch, so their outputs are replayed from a cached clean run instead of recomputed. :func:`head_inputs` lets
+the attribution engine score the LM head itself (a fused, vocabulary-chunked log-probability) instead of the
+model materialising full logits.
 """
 
 from __future__ import annotations
@@ -202,6 +204,34 @@ def replay_layers(arch: ResolvedArch, outputs: dict[int, object], rows: int, act
                 del module.forward
             else:
                 module.forward = old
+
+
+@contextlib.contextmanager
+def head_inputs(module: torch.nn.Module, store: list, placeholder: str = "zeros"):
+    """Run the model without computing its output projection ``module`` (an ``nn.Linear``, the LM head).
+
+    Every call appends the module's input to ``store`` and returns, instead of the logits, zeros of the logits'
+    shape: ``placeholder="zeros"`` a real tensor (safe whatever the model does with it), ``"expand"`` a stride-0
+    view that costs nothing (only where the model is known to return the head's output unchanged).
+    """
+    vocab = int(module.weight.shape[0])
+
+    def fwd(x, *args, **kwargs):
+        store.append(x)
+        shape = (*x.shape[:-1], vocab)
+        if placeholder == "expand":
+            return x.detach().new_zeros(()).expand(shape)
+        return x.detach().new_zeros(shape)
+
+    old = module.__dict__.get("forward")
+    module.forward = fwd
+    try:
+        yield store
+    finally:
+        if old is None:
+            del module.forward
+        else:
+            module.forward = old
 
 
 @contextlib.contextmanager
