@@ -17,7 +17,7 @@ import torch
 from kneurons.interventions import (erase_relation, measure_intervention, perplexity, shared_neurons, success,
                                     update_fact)
 from kneurons.neurons import locate, random_neurons
-from kneurons.synthetic import make_world, train_model
+from kneurons.synthetic import TRAINING, make_world, train_model
 
 
 def main() -> None:
@@ -28,8 +28,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(2)
     world = make_world(seed=args.seed)
-    h = train_model(world, args.kind, seed=args.seed, lr=3e-3 if args.kind == "causal" else 2e-3, batch_size=64,
-                    activation="relu", label_smoothing=0.1, steps=4000, log=print)
+    h = train_model(world, args.kind, seed=args.seed, log=print, **TRAINING[args.kind])
     print(h.source)
     P = (lambda ps: [p.replace("[Y]", "[MASK]") for p in ps]) if h.is_masked else list
     located = {(r, s): locate(h, P(world.prompts(r, s)), world.facts[r][s], adaptive=True, min_prompts=2,

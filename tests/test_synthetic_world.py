@@ -1,20 +1,27 @@
 """Proof on models whose knowledge we know: a synthetic fact world, a tiny GPT-2-type and a tiny BERT-type model
 trained on it in the test, and the paper's claims checked against random-neuron controls.
 
-Thresholds were chosen from measured values (seed 0, 2-core CPU) with a wide margin, and each is one that the
-random-neuron control fails:
+Models are trained with ``kneurons.synthetic.TRAINING`` (no label smoothing, stopped at 90 % training
+accuracy), and the claims are checked on the facts they know (top-1 on >= 3 of 4 paraphrases). Thresholds were
+chosen from measured values (seed 0, 2-core CPU) with a wide margin, and each is one that the random-neuron
+control fails:
 
 =========================  ===================  ===================  ========================================
 quantity                   causal (measured)    masked (measured)    asserted
 =========================  ===================  ===================  ========================================
-suppress, fact  Δp/p       -47%                 -43%                 <= -10%
-suppress, random  Δp/p     -0.3%                -0.0%                |.| <= 1%, and fact drop >= 10x random
-suppress, controls Δp/p    -8.7%                -6.9%                fact drop >= 2.5x the controls' mean drop
-amplify x2, fact Δp/p      -2.1%                (not run)            causal: >= +2% -- xfail, NOT reproduced
-update success@1           100% (random 13%)    3%; 50% gradient     causal: >= 60%, random <= 30%; masked: see
-                                                (random 5%)          test_updating_facts_masked_needs_the_gradient_space
-erase (top-20), ppl        +57% vs +7% others   +58% vs +6% others   erased relation >= 3x other relations
+known facts located        55 of 60             56 of 60             >= 40
+suppress, fact  Δp/p       -33%                 -37%                 <= -10%
+suppress, random  Δp/p     +0.0%                +0.1%                |.| <= 1%, and fact drop >= 10x random
+suppress, controls Δp/p    -7.3%                -2.1%                fact drop >= 2.5x the controls' mean drop
+amplify x2, fact Δp/p      +7.8%                +6.5%                >= +4%, and >= 10x random
+amplify x2, random Δp/p    -0.1%                -0.2%
+update success@1           95% (random 8%)      7%; 50% gradient     causal: >= 60%, random <= 30%; masked: see
+                                                (random 4%)          test_updating_facts_masked_needs_the_gradient_space
+erase (top-20), ppl        +53% vs +8% others   +48% vs +6% others   erased relation >= 3x other relations
 =========================  ===================  ===================  ========================================
+
+Trained to 99 % with label smoothing 0.1 (the earlier setting) the facts' probabilities sit at the smoothing
+ceiling (~0.92) and amplification lowered them (-2.1 %): the claim needs probabilities with room to rise.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import torch
 from kneurons.interventions import (accuracy, erase_relation, measure_intervention, perplexity, shared_neurons,
                                     success, update_fact, weights_digest)
 from kneurons.neurons import locate, random_neurons
-from kneurons.synthetic import make_world, train_model
+from kneurons.synthetic import TRAINING, make_world, train_model
 
 pytestmark = pytest.mark.slow
 
@@ -41,14 +48,14 @@ def _prompts(h, ps):
 def _build(kind: str):
     torch.set_num_threads(2)
     world = make_world(seed=0)
-    settings = {"causal": dict(lr=3e-3, batch_size=64, activation="relu", label_smoothing=0.1),
-                "masked": dict(lr=2e-3, batch_size=64, activation="relu", label_smoothing=0.1)}[kind]
-    h = train_model(world, kind, seed=0, steps=4000, **settings)
-    located = {}
+    h = train_model(world, kind, seed=0, **TRAINING[kind])
+    located = {}  # the facts the model knows (top-1 on >= 3 of their 4 prompts) among the first subjects
     for r in world.relations:
         for s in world.subjects[:N_LOCATED]:
-            located[(r, s)] = locate(h, _prompts(h, world.prompts(r, s)), world.facts[r][s], steps=20, adaptive=True,
-                                     min_prompts=2, keep_attributions=False)
+            ps = _prompts(h, world.prompts(r, s))
+            if accuracy(h, ps, world.facts[r][s]) >= 0.75:
+                located[(r, s)] = locate(h, ps, world.facts[r][s], steps=20, adaptive=True, min_prompts=2,
+                                         keep_attributions=False)
     return world, h, located
 
 
@@ -87,10 +94,12 @@ def _relation_items(world, h, r):
 
 @pytest.mark.parametrize("kind", ["causal", "masked"])
 def test_model_learned_the_world(kind, request):
-    world, h, _ = request.getfixturevalue(kind)
-    assert h.train_accuracy >= 0.99
-    for r in world.relations:
-        assert accuracy(h, *_relation_items(world, h, r)) >= 0.95
+    world, h, located = request.getfixturevalue(kind)
+    assert h.train_accuracy >= TRAINING[kind]["target_accuracy"]
+    accs = {r: accuracy(h, *_relation_items(world, h, r)) for r in world.relations}
+    print(f"{kind}: accuracy per relation {accs}; {len(located)} known facts located")
+    assert min(accs.values()) >= 0.6 and statistics.mean(accs.values()) >= 0.85
+    assert len(located) >= 40
 
 
 @pytest.mark.parametrize("kind", ["causal", "masked"])
@@ -111,11 +120,9 @@ def test_suppressing_knowledge_neurons(kind, request):
     assert abs(f) >= 2.5 * abs(c)
 
 
-@pytest.mark.xfail(strict=False, reason="not reproduced: on the synthetic models the facts' probabilities sit near "
-                   "their ceiling (~0.92 with label smoothing 0.1) and doubling the neurons lowers them on average "
-                   "(measured -2.1% over 60 facts); see README 'Synthetic fact world'")
-def test_amplifying_knowledge_neurons_causal(causal):
-    world, h, located = causal
+@pytest.mark.parametrize("kind", ["causal", "masked"])
+def test_amplifying_knowledge_neurons(kind, request):
+    world, h, located = request.getfixturevalue(kind)
     fact, rnd = [], []
     for (r, s), kn in _facts_with_neurons(located):
         ps = _prompts(h, world.prompts(r, s))
@@ -123,8 +130,8 @@ def test_amplifying_knowledge_neurons_causal(causal):
         rnd.append(measure_intervention(h, random_neurons(h, kn, seed=1), ps, world.facts[r][s], 2.0)
                    .mean_change("fact"))
     f, z = statistics.mean(fact), statistics.mean(rnd)
-    print(f"causal: amplify fact {f:+.3f}, random {z:+.3f}")
-    assert f >= 0.02 and f > 3 * abs(z)
+    print(f"{kind}: amplify fact {f:+.3f}, random {z:+.3f}")
+    assert f >= 0.04 and f >= 10 * abs(z)
 
 
 def test_updating_facts_causal(causal):
@@ -146,7 +153,8 @@ def test_updating_facts_causal(causal):
 def test_updating_facts_masked_needs_the_gradient_space(masked):
     """The paper's rule (t's unembedding row) barely updates the tiny BERT, whose MLM head transforms the
     residual before the tied embeddings; ``space="gradient"`` (∂logit/∂h through that transform) does much better.
-    Measured (60 facts, seed 0): 3 % vs 50 % success@1, random neurons 5 %. Not a clear majority: a gap, stated in README."""
+    Measured (56 known facts, seed 0): 7 % vs 50 % success@1, random neurons 4 %. Not a clear majority: a gap,
+    stated in README."""
     world, h, located = masked
     digest = weights_digest(h.model)
     emb, grad, rnd = [], [], []
@@ -172,7 +180,7 @@ def test_erasing_a_relation(kind, request):
     ppl0 = {r: perplexity(h, *base[r]) for r in world.relations}
     acc0 = {r: accuracy(h, *base[r]) for r in world.relations}
     for r in world.relations:
-        sets = [located[(r, s)] for s in world.subjects[:N_LOCATED]]
+        sets = [located[(r, s)] for s in world.subjects[:N_LOCATED] if (r, s) in located]
         if not shared_neurons(sets, top_k=20):
             continue
         with erase_relation(h, sets, top_k=20) as edit:

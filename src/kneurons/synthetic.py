@@ -34,6 +34,15 @@ TEMPLATES = {
               "in the band [X] plays [Y] ."],
 }
 
+#: The training settings of the tests and ``examples/synthetic_world.py``: no label smoothing, and training stops
+#: once 90 % of the training sentences are answered, so the model knows its facts with moderate confidence (mean
+#: p ~ 0.84), as a pretrained model knows facts. Trained to 99 % with label smoothing 0.1 the probabilities sit
+#: at the smoothing ceiling (~0.92) and doubling a fact's knowledge neurons lowers them (measured -2 %).
+TRAINING = {"causal": dict(steps=4000, lr=3e-3, batch_size=64, activation="relu", label_smoothing=0.0,
+                           target_accuracy=0.9),
+            "masked": dict(steps=4000, lr=2e-3, batch_size=64, activation="relu", label_smoothing=0.0,
+                           target_accuracy=0.9)}
+
 _SYLLABLES = ["ka", "zo", "ri", "mu", "te", "lo", "vi", "na", "qu", "be", "sa", "do", "fe", "gu", "hi", "jo",
               "xa", "ye", "wu", "pi"]
 
