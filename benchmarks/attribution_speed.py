@@ -25,10 +25,8 @@ dequantized weights) against the naive loop only. See benchmarks/README.md for t
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ctypes
 import gc
-import math
 import os
 import statistics
 import sys
@@ -406,7 +404,7 @@ def bench_model(name, handle, prompt, target, args, device, eleuther=None, eleut
         res["cmp_convention"] = c2
         print(fmt_cmp(f"naive w/ EleutherAI alphas vs EleutherAI (L{sub}):", c2))
         c3 = compare(ours_scores[sub], el_scores[sub])
-        print(fmt_cmp(f"kneurons vs EleutherAI (same layers):", c3))
+        print(fmt_cmp("kneurons vs EleutherAI (same layers):", c3))
     if results is not None:
         results.append(res)
     return res

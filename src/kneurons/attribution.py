@@ -495,7 +495,8 @@ def _integrated_gradients(handle, prompt, target, steps, score, batch_size, laye
     for l, g in zip(layers, unit_grads):
         g = g.to(base_s.dtype) * base_s if score == "prob" else g  # dP = P * dlogP (see run_rows)
         last_term[l] = g.to(acc_dtype)
-    del unit_grads, units
+    del unit_grads
+    units.clear()
     if progress is not None:
         progress(len(layers))
 
