@@ -12,7 +12,7 @@ from transformers import PretrainedConfig
 from helpers import handle_for, word_tokenizer
 from kneurons import ModelHandle
 from kneurons.architectures import ARCHITECTURES, register_architecture
-from kneurons.attribution import Attribution, attribute, integrated_gradients
+from kneurons.attribution import Attribution, attribute, integrated_gradients, rows_per_prompt
 from kneurons.errors import KneuronsError
 from reference import naive_ig
 from tiny import ALL_TYPES
@@ -271,6 +271,49 @@ def test_attribute_many_prompts():
     assert [r.target for r in res] == ["paris", "france"]
     with pytest.raises(KneuronsError, match="targets"):
         attribute(h, [PROMPT], ["a", "b"])
+
+
+# paraphrases of different lengths (causal: the blank ends each prompt; masked: the blank moves)
+CAUSAL_PARAPHRASES = ["the capital of france is ___", "paris is the capital of ___",
+                      "a city in europe called france has as its capital ___"]
+MASKED_PARAPHRASES = ["the capital of [MASK] is paris .", "[MASK] has paris as its capital city .",
+                      "paris is in [MASK] ."]
+# prompts run one at a time here: sliding-window KV caches (gemma2, gemma3_text, mistral) are not padded
+# together, bloom/falcon/gpt_neo blocks return extra per-prompt tensors that cannot be stacked, and modernbert is
+# marked off in the table (NaN at padded positions leaks through its local attention)
+NOT_BATCHED = {"gemma2", "gemma3_text", "mistral", "bloom", "falcon", "gpt_neo", "modernbert"}
+
+
+@pytest.mark.parametrize("model_type", ALL_TYPES)
+def test_prompts_sharing_passes_equal_one_at_a_time(model_type):
+    h = handle_for(model_type, dtype=torch.float64)
+    prompts, target = (MASKED_PARAPHRASES, "france") if h.is_masked else (CAUSAL_PARAPHRASES, "paris")
+    alone = [integrated_gradients(h, p, target, steps=3) for p in prompts]
+    for bs in (2, 1000):  # pieces of one layer mixing prompts / every row of every prompt in one pass
+        shared = attribute(h, prompts, target, steps=3, batch_size=bs)
+        for a, b in zip(shared, alone):
+            assert a.prompt == b.prompt
+            assert _rel_err(a.scores, b.scores) <= 1e-10, bs
+            assert torch.allclose(a.baseline_scores, b.baseline_scores, rtol=1e-10, atol=1e-300), bs
+            assert a.base_score == b.base_score
+        assert shared[0].params["prompts_per_group"] == (1 if model_type in NOT_BATCHED else 3)
+
+
+def test_prompt_groups_keep_order_and_progress():
+    h = handle_for("gpt2", dtype=torch.float64)
+    prompts = ["the capital of france is ___", "paris is the capital of ___", "a city in europe is ___"]
+    targets = ["paris", "france", "paris"]  # two targets: two groups, results in the prompts' order
+    seen = []
+    res = attribute(h, prompts, targets, steps=4, progress=seen.append)
+    assert [(r.prompt, r.target) for r in res] == list(zip(prompts, targets))
+    assert [r.params["prompts_per_group"] for r in res] == [2, 1, 2]
+    assert sum(seen) == 3 * rows_per_prompt(h, 4)
+    alone = [integrated_gradients(h, p, t, steps=4) for p, t in zip(prompts, targets)]
+    assert all(_rel_err(a.scores, b.scores) <= 1e-10 for a, b in zip(res, alone))
+    off = attribute(h, prompts, targets, steps=4, batch_prompts=False)
+    assert [r.params["prompts_per_group"] for r in off] == [1, 1, 1]
+    with pytest.raises(KneuronsError, match="unknown option"):
+        attribute(h, prompts, targets, steps=4, bogus=1)
 
 
 def test_half_precision_keeps_small_probabilities():

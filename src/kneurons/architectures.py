@@ -51,12 +51,15 @@ class ArchSpec:
     gated: bool = False
     unembedding: str | None = None
     note: str = ""
+    # attribution may put several prompts' rows in one batch (padded, with an attention mask); checked per entry
+    # in tests/test_attribution.py against one-prompt runs
+    batch_prompts: bool = True
 
 
-def _e(model_type, kind, layers, ffn_out, ffn_in=(), gated=False, unembedding=None, note=""):
+def _e(model_type, kind, layers, ffn_out, ffn_in=(), gated=False, unembedding=None, note="", batch_prompts=True):
     if isinstance(ffn_in, str):
         ffn_in = (ffn_in,)
-    return ArchSpec(model_type, kind, layers, ffn_out, tuple(ffn_in), gated, unembedding, note)
+    return ArchSpec(model_type, kind, layers, ffn_out, tuple(ffn_in), gated, unembedding, note, batch_prompts)
 
 
 # The table. Paths were read off the Hugging Face implementations (transformers 5) and each entry is checked
@@ -70,7 +73,9 @@ _TABLE: list[ArchSpec] = [
     _e("electra", "masked", "encoder.layer", "output.dense", "intermediate.dense"),
     _e("distilbert", "masked", "transformer.layer", "ffn.lin2", "ffn.lin1"),
     _e("modernbert", "masked", "layers", "mlp.Wo", "mlp.Wi", gated=True,
-       note="Wi produces [input, gate]; neuron = act(input) * gate"),
+       note="Wi produces [input, gate]; neuron = act(input) * gate; padded prompt batches give NaN at the pads "
+            "(local attention), which leaks into real positions: prompts are attributed one at a time",
+       batch_prompts=False),
     # decoder (causal) models
     _e("gpt2", "causal", "h", "mlp.c_proj", "mlp.c_fc", note="Conv1D: value slot = weight row"),
     _e("gpt_neo", "causal", "h", "mlp.c_proj", "mlp.c_fc"),
@@ -99,13 +104,14 @@ ARCHITECTURES: dict[str, ArchSpec] = {spec.model_type: spec for spec in _TABLE}
 
 def register_architecture(model_type: str, *, kind: str, layers: str, ffn_out: str, ffn_in=(),
                           gated: bool = False, unembedding: str | None = None, note: str = "",
-                          replace_existing: bool = False) -> ArchSpec:
-    """Add an architecture to the table (or replace one with ``replace_existing=True``)."""
+                          batch_prompts: bool = False, replace_existing: bool = False) -> ArchSpec:
+    """Add an architecture to the table (or replace one with ``replace_existing=True``). ``batch_prompts``
+    lets attribution pad several prompts into one batch — leave it off unless checked for this model."""
     if kind not in ("masked", "causal"):
         raise KneuronsError(f"kind must be 'masked' or 'causal', got {kind!r}")
     if model_type in ARCHITECTURES and not replace_existing:
         raise KneuronsError(f"architecture {model_type!r} is already registered (pass replace_existing=True)")
-    spec = _e(model_type, kind, layers, ffn_out, ffn_in, gated, unembedding, note)
+    spec = _e(model_type, kind, layers, ffn_out, ffn_in, gated, unembedding, note, batch_prompts)
     ARCHITECTURES[model_type] = spec
     return spec
 

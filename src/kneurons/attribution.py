@@ -49,7 +49,7 @@ from . import __version__
 from ._io import atomic_write
 from .errors import KneuronsError
 from .hooks import capture_layer_outputs, ffn_hooks, frozen_parameters, head_inputs, replay_layers
-from .prompts import Encoded, encode
+from .prompts import Encoded, encode, pad_id
 
 SCORES = ("prob", "logprob")
 # cache layer types whose update() rebinds its tensors (never writes into them): safe to shallow-copy
@@ -346,19 +346,14 @@ class _Runner:
             hook.remove()
 
     def validate_fused_head(self, logits: torch.Tensor) -> None:
-        """Use the fused head only if the model returned its head's output unchanged on the clean run and the
-        fused score equals the model's."""
+        """Use the fused head only if the model returned its plain ``nn.Linear`` head's output unchanged on the
+        clean run (then the fused score is the model's score, up to float rounding: tests)."""
         io, self._head_io = self._head_io, []
         if not self.fused_candidate or len(io) != 1 or io[0][1] is None:
             return
         x, y = io[0]
-        if y.shape != logits.shape or y.dtype != logits.dtype or not torch.equal(y, logits):
-            return  # the model post-processes its logits (soft-capping, scaling, ...)
-        with torch.no_grad():
-            ref = self.logprob(logits)
-            mine = self.fused_logprob(x, need_grad=False)
-        if bool(torch.isfinite(ref).all()) and torch.allclose(mine, ref, rtol=1e-5, atol=1e-5):
-            self.fused = True
+        if y.shape == logits.shape and y.dtype == logits.dtype and torch.equal(y, logits):
+            self.fused = True  # (otherwise the model post-processes its logits: soft-capping, scaling, ...)
 
     def fused_logprob(self, x: torch.Tensor, need_grad: bool) -> torch.Tensor:
         """``sum_j log p(target_j)`` per row from the LM head's input ``x`` ``[rows, positions, d]``."""
@@ -423,35 +418,95 @@ def integrated_gradients(handle, prompt: str, target: str, steps: int = 20, scor
     is called with the number of rows just finished. Works inside ``torch.inference_mode()``; the model's
     train/eval mode and its parameters' ``requires_grad`` are restored afterwards, also on error.
     """
+    return _engine(handle, [prompt], [target], steps, score, batch_size, layers, use_cache, replay, slice_head,
+                   fused_head, False, progress)[0]
+
+
+def attribute(handle, prompts, target, steps: int = 20, score: str = "prob", batch_size: int = DEFAULT_BATCH_SIZE,
+              layers=None, progress: Callable[[int], None] | None = None, batch_prompts: bool = True,
+              **kw) -> list[Attribution]:
+    """:func:`integrated_gradients` for several prompts (``target`` may be one string or one per prompt).
+
+    With ``batch_prompts`` (default) the rows of compatible prompts share passes: causal prompts with the same
+    target (their KV-cached prefixes are left-padded and masked) and masked prompts with the same target (right-
+    padded and masked). Results equal one-prompt-at-a-time runs (tests); ``params["prompts_per_group"]`` says how
+    many prompts shared the passes.
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    targets = [target] * len(prompts) if isinstance(target, str) else list(target)
+    if len(targets) != len(prompts):
+        raise KneuronsError(f"{len(prompts)} prompts but {len(targets)} targets")
+    if not prompts:
+        return []
+    use_cache, replay = kw.pop("use_cache", True), kw.pop("replay", True)
+    slice_head, fused_head = kw.pop("slice_head", True), kw.pop("fused_head", True)
+    if kw:
+        raise KneuronsError(f"unknown option(s): {', '.join(sorted(kw))}")
+    return _engine(handle, list(prompts), targets, steps, score, batch_size, layers, use_cache, replay, slice_head,
+                   fused_head, batch_prompts, progress)
+
+
+def _engine(handle, prompts, targets, steps, score, batch_size, layers, use_cache, replay, slice_head, fused_head,
+            batch_prompts, progress) -> list[Attribution]:
     was_training = handle.model.training
     try:
         with torch.inference_mode(False):
-            return _integrated_gradients(handle, prompt, target, steps, score, batch_size, layers, use_cache, replay,
-                                         slice_head, fused_head, progress)
+            _check_params(steps, score, batch_size)
+            devices = set(map(str, (getattr(handle.model, "hf_device_map", None) or {}).values()))
+            if len(devices) > 1:
+                raise KneuronsError("integrated gradients needs the model on one device; it is split over "
+                                    f"{sorted(devices)}")
+            L = handle.arch.n_layers
+            layers = list(range(L)) if layers is None else sorted(set(int(l) for l in layers))
+            if any(l < 0 or l >= L for l in layers):
+                raise KneuronsError(f"layers must be in 0..{L - 1}")
+            encs = [encode(handle, p, t) for p, t in zip(prompts, targets)]
+            for enc in encs:
+                _check_producible(handle, enc)
+            handle.model.eval()
+            out: list[Attribution | None] = [None] * len(prompts)
+            groups: dict[object, list[int]] = {}
+            for i, enc in enumerate(encs):
+                prep = _prepare(handle, prompts[i], enc, score, layers, use_cache, slice_head, fused_head, progress)
+                key = _group_key(handle, prep) if batch_prompts else None
+                groups.setdefault(key if key is not None else ("alone", i), []).append(i)
+                out[i] = prep  # replaced by its Attribution below
+            for members in groups.values():
+                preps = [out[i] for i in members]
+                try:
+                    atts = _attribute_rows(handle, preps, steps, score, batch_size, layers, replay, progress)
+                except _Ungroupable:
+                    atts = [_attribute_rows(handle, [p], steps, score, batch_size, layers, replay, progress)[0]
+                            for p in preps]
+                for i, att in zip(members, atts):
+                    out[i] = att
+            return out
     finally:
         handle.model.train(was_training)
 
 
-def _integrated_gradients(handle, prompt, target, steps, score, batch_size, layers, use_cache, replay, slice_head,
-                          fused_head, progress) -> Attribution:
-    _check_params(steps, score, batch_size)
-    devices = set(map(str, (getattr(handle.model, "hf_device_map", None) or {}).values()))
-    if len(devices) > 1:
-        raise KneuronsError(f"integrated gradients needs the model on one device; it is split over {sorted(devices)}")
+@dataclass
+class _Prepared:
+    """One prompt after its clean run: the alpha = 1 term of every layer, the blank activations, the block outputs."""
+
+    prompt: str
+    enc: Encoded
+    run: "_Runner"
+    W: torch.Tensor  # [L, d_ff] clean activations at the blank
+    outputs: dict  # block j -> its clean output (for replay)
+    last_term: torch.Tensor  # [L, d_ff] w * dS/dw at alpha = 1
+    base: float
+
+
+def _prepare(handle, prompt, enc, score, layers, use_cache, slice_head, fused_head, progress) -> _Prepared:
     arch = handle.arch
     L = arch.n_layers
-    layers = list(range(L)) if layers is None else sorted(set(int(l) for l in layers))
-    if any(l < 0 or l >= L for l in layers):
-        raise KneuronsError(f"layers must be in 0..{L - 1}")
-    enc = encode(handle, prompt, target)
-    _check_producible(handle, enc)
-    model = handle.model
-    model.eval()
     run = _Runner(handle, enc, use_cache, slice_head, fused_head)
 
-    # 1. clean run = the alpha = 1 row of every layer at once: blank activations of every layer, every block's
-    #    output (for replay), and from one backward pass the gradient w.r.t. a unit scale on each chosen
-    #    layer's blank activation, i.e. w * dS/dw at alpha = 1 (the k = m term of every layer's sum)
+    # the clean run = the alpha = 1 row of every layer at once: blank activations of every layer, every block's
+    # output (for replay), and from one backward pass the gradient w.r.t. a unit scale on each chosen layer's
+    # blank activation, i.e. w * dS/dw at alpha = 1 (the k = m term of every layer's sum)
     acts: dict[int, torch.Tensor] = {}
     units: dict[int, torch.Tensor] = {}
     chosen = set(layers)
@@ -470,7 +525,7 @@ def _integrated_gradients(handle, prompt, target, steps, score, batch_size, laye
                 run.clean_head_check():
             return run.forward(1), outs
 
-    with frozen_parameters(model):
+    with frozen_parameters(handle.model):
         try:
             logits, outputs = clean_run()
         except RuntimeError as exc:
@@ -488,44 +543,191 @@ def _integrated_gradients(handle, prompt, target, steps, score, batch_size, laye
     W = torch.stack([acts[l] for l in range(L)])  # [L, d_ff]
     base_lp = base_lp.detach().float() if base_lp.dtype in (torch.float16, torch.bfloat16) else base_lp.detach()
     base_s = base_lp.exp() if score == "prob" else base_lp
-    base = float(base_s)
     acc_dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
-    grad_sum = torch.zeros(L, arch.d_ff, dtype=acc_dtype, device=W.device)  # sum over k < m of dS/dw
-    last_term = torch.zeros(L, arch.d_ff, dtype=acc_dtype, device=W.device)  # w * dS/dw at k = m
+    last_term = torch.zeros(L, arch.d_ff, dtype=acc_dtype, device=W.device)
     for l, g in zip(layers, unit_grads):
-        g = g.to(base_s.dtype) * base_s if score == "prob" else g  # dP = P * dlogP (see run_rows)
+        g = g.to(base_s.dtype) * base_s if score == "prob" else g  # dP = P * dlogP (see _attribute_rows)
         last_term[l] = g.to(acc_dtype)
     del unit_grads
     units.clear()
     if progress is not None:
         progress(len(layers))
+    return _Prepared(prompt, enc, run, W, outputs, last_term, float(base_s))
 
-    # 2. rows: (layer, k) for k = 0..steps-1, sorted by layer. k >= 1 are the integration points below alpha = 1;
-    #    k = 0 (alpha = 0) is the completeness diagnostic, scored in the same passes but not differentiated
-    row_layer = torch.tensor([l for l in layers for _ in range(steps)], dtype=torch.long)
-    row_k = torch.tensor([k for _ in layers for k in range(steps)], dtype=torch.long)
-    layer_zero = torch.full((L,), float("nan"), dtype=torch.float64)
+
+def _group_key(handle, prep: _Prepared):
+    """Prompts with equal keys can share passes (``None``: this prompt runs alone)."""
+    run = prep.run
+    if handle.arch.guessed or not handle.arch.spec.batch_prompts or not run.staircase_ok:
+        return None
+    if run.kv and all(type(layer).__name__ == "DynamicLayer" for layer in getattr(run.cache, "layers", [None])):
+        # (sliding-window cache layers keep a model-dependent tail of the prefix: not padded together)
+        return ("kv", run.ids.shape[1], tuple(run.positions), tuple(prep.enc.target_ids), run.fused)
+    if not run.kv and handle.is_masked and run.slice_ok:
+        return ("masked", tuple(prep.enc.target_ids), run.fused)
+    return None
+
+
+def _pad_dim(t: torch.Tensor, dim: int, size: int, front: bool) -> torch.Tensor:
+    n = size - t.shape[dim]
+    if n <= 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = n
+    z = t.new_zeros(shape)
+    return torch.cat([z, t] if front else [t, z], dim)
+
+
+class _Ungroupable(Exception):
+    """These prompts' clean runs cannot be stacked into one batch (they then run one at a time)."""
+
+
+def _stack_prompts(objs: list, length: int):
+    """Per-prompt block outputs (batch 1, ``[1, T_p, ...]``) stacked to ``[P, length, ...]`` (zeros after T_p)."""
+    first = objs[0]
+    if isinstance(first, torch.Tensor):
+        if first.dim() >= 2 and first.shape[0] == 1:
+            if any(o.dim() != first.dim() or o.shape[2:] != first.shape[2:] for o in objs):
+                raise _Ungroupable("block outputs of different shapes")
+            return torch.cat([_pad_dim(o, 1, length, front=False) for o in objs])
+        if any(not torch.equal(o, first) for o in objs[1:]):
+            raise _Ungroupable("block outputs differ in a non-batch tensor")
+        return first
+    if isinstance(first, tuple):
+        items = [_stack_prompts([o[i] for o in objs], length) for i in range(len(first))]
+        return type(first)(*items) if hasattr(first, "_fields") else tuple(items)
+    return first
+
+
+def _take_rows(obj, rows: torch.Tensor):
+    if isinstance(obj, torch.Tensor):
+        return obj[rows.to(obj.device)] if obj.dim() >= 2 else obj
+    if isinstance(obj, tuple):
+        items = [_take_rows(o, rows) for o in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
+    return obj
+
+
+class _Group:
+    """Several prompts' rows in one batch: per-row inputs, padded KV caches / sequences and attention masks."""
+
+    def __init__(self, handle, preps: list[_Prepared]):
+        self.handle = handle
+        self.preps = preps
+        self.run = preps[0].run  # scoring (targets, positions, head) is the same for every member
+        dev = handle.device
+        self.kv = self.run.kv
+        if self.kv:
+            n = [p.enc.blank for p in preps]
+            self.n_max = max(n)
+            self.ids = torch.cat([p.run.ids for p in preps])  # [P, T]: the blank and target positions
+            T = self.ids.shape[1]
+            self.keys, self.values = [], []
+            for j in range(len(self.run.cache.layers)):
+                self.keys.append(torch.cat([_pad_dim(p.run.cache.layers[j].keys, -2, self.n_max, front=True)
+                                            for p in preps]))
+                self.values.append(torch.cat([_pad_dim(p.run.cache.layers[j].values, -2, self.n_max, front=True)
+                                              for p in preps]))
+            self.mask = torch.zeros(len(preps), self.n_max + T, dtype=torch.long, device=dev)
+            for i, k in enumerate(n):
+                self.mask[i, self.n_max - k:] = 1
+            self.position_ids = torch.tensor(n, device=dev)[:, None] + torch.arange(T, device=dev)
+            self.blank = torch.zeros(len(preps), dtype=torch.long, device=dev)
+            length = T
+        else:
+            length = max(len(p.enc.input_ids) for p in preps)
+            pad = pad_id(handle.tokenizer)
+            self.ids = torch.full((len(preps), length), pad, dtype=torch.long, device=dev)
+            self.mask = torch.zeros(len(preps), length, dtype=torch.long, device=dev)
+            for i, p in enumerate(preps):
+                self.ids[i, : len(p.enc.input_ids)] = torch.tensor(p.enc.input_ids, device=dev)
+                self.mask[i, : len(p.enc.input_ids)] = 1
+            self.blank = torch.tensor([p.enc.blank for p in preps], device=dev)
+            self.pos = torch.tensor([p.run.positions for p in preps], device=dev)  # [P, n] scored positions
+        L = handle.arch.n_layers
+        self.outputs = {j: _stack_prompts([p.outputs[j] for p in preps], length) for j in range(L)}
+        self.W = torch.stack([p.W for p in preps])  # [P, L, d_ff]
+
+    def forward(self, row_prompt: torch.Tensor, active: dict[int, int] | None = None):
+        R = len(row_prompt)
+        rp = row_prompt.to(self.ids.device)
+        model = self.handle.model
+        if self.kv:
+            cache = copy.copy(self.run.cache)
+            cache.layers = [copy.copy(layer) for layer in self.run.cache.layers]
+            for j, layer in enumerate(cache.layers):
+                n = (active or {}).get(j, R)
+                rows = rp[:n] if 0 < n < R else rp
+                layer.keys, layer.values = self.keys[j][rows], self.values[j][rows]
+            return model(input_ids=self.ids[rp], attention_mask=self.mask[rp], position_ids=self.position_ids[rp],
+                         use_cache=True, **{self.run.cache_kw: cache}).logits
+        pos = self.pos[rp]
+
+        def cut(mod, args, out):  # the LM head runs on each row's scored positions only
+            rows = torch.arange(R, device=pos.device)[:, None]
+            if isinstance(out, torch.Tensor) and out.dim() == 3:
+                return out[rows, pos]
+            if isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor) and out[0].dim() == 3:
+                return (out[0][rows, pos],) + tuple(out[1:])
+            raise KneuronsError("cannot cut the last block's output to the scored positions")
+
+        hook = self.handle.arch.layers[-1].register_forward_hook(cut)
+        try:
+            return model(input_ids=self.ids[rp], attention_mask=self.mask[rp]).logits
+        finally:
+            hook.remove()
+
+
+def _attribute_rows(handle, preps: list[_Prepared], steps, score, batch_size, layers, replay,
+                    progress) -> list[Attribution]:
+    """The integration points k = 1..m-1 (and the alpha = 0 diagnostic) of every layer of ``preps``' prompts."""
+    arch = handle.arch
+    L = arch.n_layers
+    P = len(preps)
+    run = preps[0].run
+    group = _Group(handle, preps) if P > 1 else None
+    W0 = preps[0].W
+    acc_dtype = torch.float64 if W0.dtype == torch.float64 else torch.float32
+    grad_sum = torch.zeros(P, L, arch.d_ff, dtype=acc_dtype, device=W0.device)
+    layer_zero = torch.full((P, L), float("nan"), dtype=torch.float64)
+
+    # rows: (layer, prompt, k) for k = 0..steps-1, sorted by layer. k >= 1 are the integration points below
+    # alpha = 1; k = 0 (alpha = 0) is the completeness diagnostic, scored in the same passes, not differentiated
+    row_layer = torch.tensor([l for l in layers for _ in range(P) for _ in range(steps)], dtype=torch.long)
+    row_prompt = torch.tensor([p for _ in layers for p in range(P) for _ in range(steps)], dtype=torch.long)
+    row_k = torch.tensor([k for _ in layers for _ in range(P) for k in range(steps)], dtype=torch.long)
     vocab = int(arch.unembedding().shape[0])
+    positions = group.ids.shape[1] if group is not None else run.ids.shape[1]
     rows_per_pass = batch_size or default_rows_per_pass(
-        steps, run.ids.shape[1], handle.device.type, 0 if run.fused else len(run.positions) * vocab)
+        steps, positions, handle.device.type, 0 if run.fused else len(run.positions) * vocab)
+    Wrows = group.W if group is not None else W0[None]
+    blanks = group.blank if group is not None else torch.tensor([run.blank], device=W0.device)
 
-    def run_rows(rl: torch.Tensor, alpha: torch.Tensor, grad_rows: torch.Tensor):
-        """Score rows (layer ``rl[r]`` scaled by ``alpha[r]`` at the blank); gradients of the ``grad_rows``
-        scores w.r.t. their scaled activations."""
+    def forward(rp, R, active):
+        return group.forward(rp, active) if group is not None else run.forward(R, active)
+
+    def replayed(j, rp):
+        return _take_rows(group.outputs[j], rp) if group is not None else preps[0].outputs[j]
+
+    def run_rows(rl: torch.Tensor, rp: torch.Tensor, alpha: torch.Tensor, grad_rows: torch.Tensor):
+        """Score rows (layer ``rl[r]`` of prompt ``rp[r]`` scaled by ``alpha[r]`` at the blank); gradients of
+        the ``grad_rows`` scores w.r.t. their scaled activations."""
         R = len(rl)
         need_grad = bool(grad_rows.any())
-        scaled = alpha.to(W.dtype).to(W.device)[:, None] * W[rl.to(W.device)]
+        dev = Wrows.device
+        scaled = alpha.to(Wrows.dtype).to(dev)[:, None] * Wrows[rp.to(dev), rl.to(dev)]
         if need_grad:
             scaled.requires_grad_(True)
         present = sorted(set(rl.tolist()))
-        sel_by_layer = {l: (rl == l).nonzero()[:, 0].to(W.device) for l in present}
+        sel_by_layer = {l: (rl == l).nonzero()[:, 0].to(dev) for l in present}
+        row_blank = blanks[rp.to(blanks.device)].to(dev)
 
         def patch(layer, x):
             sel = sel_by_layer.get(layer)
             if sel is None:
                 return None
             x = x.clone()
-            x[sel, run.blank] = scaled[sel].to(x.dtype)
+            x[sel, row_blank[sel]] = scaled[sel].to(x.dtype)
             return x
 
         def attempt(active, cached):
@@ -533,10 +735,10 @@ def _integrated_gradients(handle, prompt, target, steps, score, batch_size, laye
                     replay_layers(arch, cached, R, active):
                 if run.fused:  # the model runs up to its LM head; the fused head scores the rows
                     with head_inputs(run.head, [], placeholder="expand") as head_in:
-                        run.forward(R, active)
+                        forward(rp, R, active)
                     lp = run.fused_logprob(head_in[-1], need_grad)
                 else:
-                    lp = run.logprob(run.forward(R, active))
+                    lp = run.logprob(forward(rp, R, active))
                 g = torch.autograd.grad(lp[grad_rows.to(lp.device)].sum(), scaled)[0] if need_grad else None
             lp = lp.detach().float() if lp.dtype in (torch.float16, torch.bfloat16) else lp.detach()
             s = lp.exp() if score == "prob" else lp
@@ -550,44 +752,51 @@ def _integrated_gradients(handle, prompt, target, steps, score, batch_size, laye
             return attempt({j: R for j in range(L)}, {})
         # block j runs only for the rows patched at or below j (rows are sorted by layer); the others take
         # block j's clean output from the cache
-        if run.staircase_ok:
+        if all(p.run.staircase_ok for p in preps):
             active = {j: int((rl <= j).sum()) for j in range(L)}
             try:
-                return attempt(active, {j: outputs[j] for j in range(L) if active[j] < R})
+                return attempt(active, {j: replayed(j, rp) for j in range(L) if active[j] < R})
             except RuntimeError as exc:
                 if _is_oom(exc) or not any(0 < n < R for n in active.values()):
                     raise
                 # this model passes batch-shaped data that cannot be cut to the active rows (e.g. BLOOM's
                 # ALiBi bias, [batch * heads, ...]): run whole blocks from here on, replaying only below
-                run.staircase_ok = False
+                for p in preps:
+                    p.run.staircase_ok = False
         return attempt({j: (0 if j < present[0] else R) for j in range(L)},
-                       {j: outputs[j] for j in range(present[0])})
+                       {j: replayed(j, rp) for j in range(present[0])})
 
-    with frozen_parameters(model):
-        for start, stop in _chunks(len(layers), steps, rows_per_pass):
-            rl, rk = row_layer[start:stop], row_k[start:stop]
+    with frozen_parameters(handle.model):
+        for start, stop in _chunks(len(layers), P * steps, rows_per_pass):
+            rl, rp, rk = row_layer[start:stop], row_prompt[start:stop], row_k[start:stop]
             grad_rows = rk > 0
-            s, g = run_rows(rl, rk.double() / steps, grad_rows)
+            s, g = run_rows(rl, rp, rk.double() / steps, grad_rows)
             if g is not None:
-                grad_sum.index_add_(0, rl[grad_rows].to(grad_sum.device),
-                                    g[grad_rows.to(g.device)].detach().to(grad_sum.dtype))
-            for l, v in zip(rl[~grad_rows].tolist(), s[(~grad_rows).to(s.device)].tolist()):
-                layer_zero[l] = float(v)  # the score with layer l's blank activation set to 0
+                gr = grad_rows.to(g.device)
+                grad_sum.index_put_((rp[grad_rows].to(grad_sum.device), rl[grad_rows].to(grad_sum.device)),
+                                    g[gr].detach().to(grad_sum.dtype), accumulate=True)
+            for p, l, v in zip(rp[~grad_rows].tolist(), rl[~grad_rows].tolist(),
+                               s[(~grad_rows).to(s.device)].tolist()):
+                layer_zero[p, l] = float(v)  # the score with layer l's blank activation set to 0
             del g
             if progress is not None:
                 progress(len(rl))
-    scores = (W.to(grad_sum.dtype) * grad_sum + last_term) / steps
     mask = torch.zeros(L, dtype=torch.bool)
     mask[layers] = True
-    scores[~mask.to(scores.device)] = 0
-    out_dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
-    params = {"steps": steps, "score": score, "batch_size": batch_size, "rows_per_pass": rows_per_pass,
-              "layers": layers, "baseline": "zero",
-              "position": "blank", "use_cache": run.kv, "replay": replay,
-              "head_on_scored_positions": run.slice_ok, "fused_head": run.fused,
-              "partial_blocks": bool(replay and run.staircase_ok)}
-    return Attribution(scores.to(out_dtype).cpu(), W.to(out_dtype).cpu(), prompt, enc.target, enc.target_ids, base,
-                       layer_zero, params, model_info(handle))
+    out_dtype = torch.float64 if W0.dtype == torch.float64 else torch.float32
+    results = []
+    for i, prep in enumerate(preps):
+        r = prep.run
+        scores = (prep.W.to(acc_dtype) * grad_sum[i] + prep.last_term) / steps
+        scores[~mask.to(scores.device)] = 0
+        params = {"steps": steps, "score": score, "batch_size": batch_size, "rows_per_pass": rows_per_pass,
+                  "layers": layers, "baseline": "zero", "position": "blank", "use_cache": r.kv, "replay": replay,
+                  "head_on_scored_positions": r.slice_ok, "fused_head": r.fused,
+                  "partial_blocks": bool(replay and r.staircase_ok), "prompts_per_group": P}
+        results.append(Attribution(scores.to(out_dtype).cpu(), prep.W.to(out_dtype).cpu(), prep.prompt,
+                                   prep.enc.target, prep.enc.target_ids, prep.base, layer_zero[i], params,
+                                   model_info(handle)))
+    return results
 
 
 def _check_producible(handle, enc: Encoded) -> None:
@@ -599,18 +808,6 @@ def _check_producible(handle, enc: Encoded) -> None:
     unk_tok = getattr(handle.tokenizer, "unk_token", None)
     if unk is not None and unk in enc.target_ids and (unk_tok or "") not in enc.target:
         raise KneuronsError(f"target {enc.target!r} cannot be produced by the model: the tokenizer maps it to the unknown token")
-
-
-def attribute(handle, prompts, target, steps: int = 20, score: str = "prob", batch_size: int = DEFAULT_BATCH_SIZE,
-              layers=None, progress: Callable[[int], None] | None = None, **kw) -> list[Attribution]:
-    """:func:`integrated_gradients` for several prompts (``target`` may be one string or one per prompt)."""
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    targets = [target] * len(prompts) if isinstance(target, str) else list(target)
-    if len(targets) != len(prompts):
-        raise KneuronsError(f"{len(prompts)} prompts but {len(targets)} targets")
-    return [integrated_gradients(handle, p, t, steps=steps, score=score, batch_size=batch_size, layers=layers,
-                                 progress=progress, **kw) for p, t in zip(prompts, targets)]
 
 
 def rows_per_prompt(handle, steps: int, layers=None) -> int:

@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 import torch
 
 from . import __version__
-from .attribution import DEFAULT_BATCH_SIZE, Attribution, integrated_gradients, model_info
+from .attribution import DEFAULT_BATCH_SIZE, Attribution, attribute, model_info
 from ._io import atomic_write
 from .errors import KneuronsError
 from .hooks import ffn_hooks
@@ -184,8 +184,8 @@ def locate(handle, prompts: Sequence[str], target, steps: int = 20, threshold: f
     _check_fraction("p", p)
     for pr in prompts:  # fail fast on bad prompts before any compute
         encode(handle, pr, target)
-    attrs = [integrated_gradients(handle, pr, target, steps=steps, score=score, batch_size=batch_size,
-                                  progress=progress) for pr in prompts]
+    attrs = attribute(handle, list(prompts), target, steps=steps, score=score, batch_size=batch_size,
+                      progress=progress)  # the paraphrases' rows share passes
     coarse = [coarse_neurons(a, threshold, abs_threshold, top_k) for a in attrs]
     if adaptive:
         neurons, p_used = refine_adaptive(coarse, p, min_prompts)
