@@ -48,7 +48,7 @@ hf_logging.set_verbosity_error()
 
 import kneurons  # noqa: E402
 from kneurons import ModelHandle  # noqa: E402
-from kneurons.attribution import integrated_gradients  # noqa: E402
+from kneurons.attribution import attribute, integrated_gradients  # noqa: E402
 from kneurons.hooks import ffn_hooks  # noqa: E402
 from kneurons.prompts import encode  # noqa: E402
 
@@ -60,6 +60,20 @@ MASKED_PROMPT = "the capital city of france is [MASK] ."
 MASKED_TARGET = "paris"
 SMOL_PROMPT = "The capital city of the European country of France is ___"
 SMOL_TARGET = "Paris"
+
+def paraphrases_of(prompt: str) -> list[str]:
+    """Four prompts of different lengths with the same blank and answer (for --paraphrases)."""
+    blank = "[MASK]" if "[MASK]" in prompt else "___"
+    if blank == "___":
+        others = ["the capital of france is ___", "france has as its capital city ___",
+                  "the european country of france has its capital in ___"]
+        if prompt[:1].isupper():  # cased model (SmolLM2)
+            others = [o.replace("france", "France").replace("european", "European") for o in others]
+            others = [o[0].upper() + o[1:] for o in others]
+        return [prompt] + others
+    return [prompt, "the capital of france is [MASK] .", "[MASK] is the capital city of france .",
+            "france , a country in europe , has [MASK] as its capital ."]
+
 
 WORDS = ("the capital city of european country france is paris . , germany berlin italy rome spain madrid "
          "lives in was born located language speaks french german a").split()
@@ -360,6 +374,18 @@ def bench_model(name, handle, prompt, target, args, device, eleuther=None, eleut
     res["ours_default"] = sweep.get(default_bs, sweep[best_bs])[0]
     res["best_bs"] = best_bs
 
+    # --- several paraphrases: one prompt at a time vs their rows sharing passes (attribute(batch_prompts=...))
+    if args.paraphrases:
+        paras = paraphrases_of(prompt)
+        attribute(handle, paras[:2], target, steps=steps, batch_prompts=True)  # warm-up
+        per = {}
+        for flag in (False, True):
+            sec, peak, _ = measure(lambda f=flag: attribute(handle, paras, target, steps=steps, batch_prompts=f)[0]
+                                   .scores, device, args.repeats_fast)
+            per[flag] = sec / len(paras)
+            print(f"  {len(paras)} paraphrases, batch_prompts={flag}: {per[flag]:.3f} s per prompt, peak {mb(peak)}")
+        res["paraphrases"] = per
+
     # --- naive
     naive_scores = None
     if run_naive:
@@ -421,6 +447,8 @@ def main(argv=None):
     p.add_argument("--repeats-fast", type=int, default=None,
                    help="timed repeats of each kneurons run (median; default 3, 1 with --quick)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="kneurons batch sizes to try")
+    p.add_argument("--paraphrases", action="store_true",
+                   help="also time 4 paraphrases one at a time vs sharing passes (attribute(batch_prompts=...))")
     p.add_argument("--skip-eleuther", action="store_true", help="do not run EleutherAI's knowledge-neurons")
     p.add_argument("--skip-smollm", action="store_true", help="do not run the embedded SmolLM2-135M")
     p.add_argument("--models", nargs="+", default=["gpt2", "bert", "smollm2"], choices=["gpt2", "bert", "smollm2"])

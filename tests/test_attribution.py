@@ -290,7 +290,7 @@ def test_prompts_sharing_passes_equal_one_at_a_time(model_type):
     prompts, target = (MASKED_PARAPHRASES, "france") if h.is_masked else (CAUSAL_PARAPHRASES, "paris")
     alone = [integrated_gradients(h, p, target, steps=3) for p in prompts]
     for bs in (2, 1000):  # pieces of one layer mixing prompts / every row of every prompt in one pass
-        shared = attribute(h, prompts, target, steps=3, batch_size=bs)
+        shared = attribute(h, prompts, target, steps=3, batch_size=bs, batch_prompts=True)
         for a, b in zip(shared, alone):
             assert a.prompt == b.prompt
             assert _rel_err(a.scores, b.scores) <= 1e-10, bs
@@ -304,13 +304,13 @@ def test_prompt_groups_keep_order_and_progress():
     prompts = ["the capital of france is ___", "paris is the capital of ___", "a city in europe is ___"]
     targets = ["paris", "france", "paris"]  # two targets: two groups, results in the prompts' order
     seen = []
-    res = attribute(h, prompts, targets, steps=4, progress=seen.append)
+    res = attribute(h, prompts, targets, steps=4, progress=seen.append, batch_prompts=True)
     assert [(r.prompt, r.target) for r in res] == list(zip(prompts, targets))
     assert [r.params["prompts_per_group"] for r in res] == [2, 1, 2]
     assert sum(seen) == 3 * rows_per_prompt(h, 4)
     alone = [integrated_gradients(h, p, t, steps=4) for p, t in zip(prompts, targets)]
     assert all(_rel_err(a.scores, b.scores) <= 1e-10 for a, b in zip(res, alone))
-    off = attribute(h, prompts, targets, steps=4, batch_prompts=False)
+    off = attribute(h, prompts, targets, steps=4)  # default on CPU: one prompt at a time
     assert [r.params["prompts_per_group"] for r in off] == [1, 1, 1]
     with pytest.raises(KneuronsError, match="unknown option"):
         attribute(h, prompts, targets, steps=4, bogus=1)

@@ -423,14 +423,16 @@ def integrated_gradients(handle, prompt: str, target: str, steps: int = 20, scor
 
 
 def attribute(handle, prompts, target, steps: int = 20, score: str = "prob", batch_size: int = DEFAULT_BATCH_SIZE,
-              layers=None, progress: Callable[[int], None] | None = None, batch_prompts: bool = True,
+              layers=None, progress: Callable[[int], None] | None = None, batch_prompts: bool | None = None,
               **kw) -> list[Attribution]:
     """:func:`integrated_gradients` for several prompts (``target`` may be one string or one per prompt).
 
-    With ``batch_prompts`` (default) the rows of compatible prompts share passes: causal prompts with the same
-    target (their KV-cached prefixes are left-padded and masked) and masked prompts with the same target (right-
-    padded and masked). Results equal one-prompt-at-a-time runs (tests); ``params["prompts_per_group"]`` says how
-    many prompts shared the passes.
+    With ``batch_prompts`` the rows of compatible prompts share passes: causal prompts with the same target
+    (their KV-cached prefixes are left-padded and masked) and masked prompts with the same target (right-padded
+    and masked). Results equal one-prompt-at-a-time runs (tests); ``params["prompts_per_group"]`` says how many
+    prompts shared the passes. The default (``None``) batches on a GPU only: on a 2-core CPU one prompt's rows
+    already fill the matrix units and bigger passes were slower (SmolLM2-135M, 4 paraphrases: 2.5 s vs 2.0 s
+    per prompt; GPT-2 shape: 0.93 s vs 0.90 s).
     """
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -443,8 +445,10 @@ def attribute(handle, prompts, target, steps: int = 20, score: str = "prob", bat
     slice_head, fused_head = kw.pop("slice_head", True), kw.pop("fused_head", True)
     if kw:
         raise KneuronsError(f"unknown option(s): {', '.join(sorted(kw))}")
+    if batch_prompts is None:
+        batch_prompts = handle.device.type == "cuda"
     return _engine(handle, list(prompts), targets, steps, score, batch_size, layers, use_cache, replay, slice_head,
-                   fused_head, batch_prompts, progress)
+                   fused_head, bool(batch_prompts), progress)
 
 
 def _engine(handle, prompts, targets, steps, score, batch_size, layers, use_cache, replay, slice_head, fused_head,

@@ -177,15 +177,17 @@ def _targets_one_fact(prompts, target) -> str:
 def locate(handle, prompts: Sequence[str], target, steps: int = 20, threshold: float = 0.2,
            abs_threshold: float | None = None, top_k: int | None = None, p: float = 0.7, min_prompts: int = 3,
            adaptive: bool = False, score: str = "prob", batch_size: int = DEFAULT_BATCH_SIZE,
-           keep_attributions: bool = True, progress: Callable[[int], None] | None = None) -> KnowledgeNeurons:
-    """Refined knowledge neurons of the fact expressed by ``prompts`` (paraphrases) with answer ``target``."""
+           keep_attributions: bool = True, progress: Callable[[int], None] | None = None,
+           batch_prompts: bool | None = None) -> KnowledgeNeurons:
+    """Refined knowledge neurons of the fact expressed by ``prompts`` (paraphrases) with answer ``target``.
+    ``batch_prompts``: let the paraphrases' rows share passes (default: on a GPU; see :func:`attribute`)."""
     target = _targets_one_fact(prompts, target)
     _check_fraction("threshold", threshold)
     _check_fraction("p", p)
     for pr in prompts:  # fail fast on bad prompts before any compute
         encode(handle, pr, target)
     attrs = attribute(handle, list(prompts), target, steps=steps, score=score, batch_size=batch_size,
-                      progress=progress)  # the paraphrases' rows share passes
+                      progress=progress, batch_prompts=batch_prompts)
     coarse = [coarse_neurons(a, threshold, abs_threshold, top_k) for a in attrs]
     if adaptive:
         neurons, p_used = refine_adaptive(coarse, p, min_prompts)
