@@ -90,6 +90,17 @@ def test_shortcuts_do_not_change_results(model_type):
     assert _rel_err(c.scores, b.scores) <= 1e-10
 
 
+@pytest.mark.parametrize("model_type, merged", [("gpt2", True), ("llama", True), ("bloom", False),
+                                                ("gpt_neo", False), ("gemma3_text", False)])
+def test_prefix_cache_from_the_clean_run(model_type, merged):
+    # plain dynamic caches take the prefix's KV cache from the clean run; sliding-window caches (gemma3_text) and
+    # blocks returning extra tensors (bloom, gpt_neo: the fallback after a merged attempt) run the prefix apart
+    h = handle_for(model_type, dtype=torch.float64)
+    got = integrated_gradients(h, PROMPT, "paris", steps=4)
+    assert got.params["prefix_from_clean_run"] is merged and got.params["use_cache"] is True
+    assert _rel_err(got.scores, naive_ig(h, PROMPT, "paris", steps=4)) <= 1e-6
+
+
 @pytest.mark.parametrize("model_type", ["bert", "gpt2", "llama"])
 @pytest.mark.parametrize("steps", [1, 2, 3])
 def test_few_steps_match_reference(model_type, steps):
@@ -310,7 +321,7 @@ def test_prompt_groups_keep_order_and_progress():
     assert sum(seen) == 3 * rows_per_prompt(h, 4)
     alone = [integrated_gradients(h, p, t, steps=4) for p, t in zip(prompts, targets)]
     assert all(_rel_err(a.scores, b.scores) <= 1e-10 for a, b in zip(res, alone))
-    off = attribute(h, prompts, targets, steps=4)  # default on CPU: one prompt at a time
+    off = attribute(h, prompts, targets, steps=4)  # default: one prompt at a time
     assert [r.params["prompts_per_group"] for r in off] == [1, 1, 1]
     with pytest.raises(KneuronsError, match="unknown option"):
         attribute(h, prompts, targets, steps=4, bogus=1)

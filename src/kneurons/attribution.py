@@ -183,6 +183,21 @@ def _out_cache(out):
     return None
 
 
+class _MergeFailed(Exception):
+    """The clean run cannot also provide the prefix's KV cache (a separate prefix pass is run instead)."""
+
+
+def _plain_dynamic_cache(model) -> bool:
+    """Whether the model's default cache holds every layer's whole prefix (no sliding windows)."""
+    try:
+        from transformers import DynamicCache
+
+        layers = DynamicCache(config=model.config).layers
+    except Exception:
+        return False
+    return bool(layers) and all(type(layer).__name__ == "DynamicLayer" for layer in layers)
+
+
 class _HeadLogProb(torch.autograd.Function):
     """``log softmax(x W^T + b)[target]`` per row of ``x`` ``[N, d]``, streamed over vocabulary chunks.
 
@@ -238,15 +253,17 @@ class _Runner:
         self.fused = False
         self.kv = bool(use_cache and handle.is_causal and enc.blank >= 1)
         self.cache = None
+        self.full_ids = ids
+        self.prefix_len = enc.blank
+        self.clean_blank = enc.blank  # the blank's index in the clean run's input
+        # merged: the clean run processes the whole prompt and its KV cache, cut to the prefix, serves the rows
+        # (no separate prefix pass); only for plain (non-sliding) dynamic caches, checked again after the run
+        self.merged = False
         if self.kv:
             self.cache_kw = _cache_kwarg(self.model)
-            skip_head = head_inputs(self.head, []) if self.head is not None else contextlib.nullcontext()
-            with torch.no_grad(), skip_head:  # only the KV cache is used: the LM head is not computed
-                extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(self.model.forward).parameters else {}
-                out = self.model(input_ids=ids[:, : enc.blank], use_cache=True, **extra)
-            self.cache = _out_cache(out)
-            if self.cache is None or not hasattr(self.cache, "batch_repeat_interleave"):
-                self.kv = False
+            self.merged = _plain_dynamic_cache(self.model)
+            if not self.merged:
+                self._run_prefix()
         if self.kv:
             self.ids = ids[:, enc.blank:]
             self.blank = 0
@@ -255,10 +272,12 @@ class _Runner:
             self.ids = ids
             self.blank = enc.blank
             self.positions = list(enc.score_positions)
+        if not self.merged:
+            self.clean_blank = self.blank
         self.tgt_t = torch.tensor(enc.target_ids, device=dev)
         self._repeated: dict[int, object] = {}
-        self._shallow_ok = all(type(layer).__name__ in _SHALLOW_COPY_LAYERS
-                               for layer in getattr(self.cache, "layers", [None])) if self.kv else False
+        self._shallow_ok = (self.merged or all(type(layer).__name__ in _SHALLOW_COPY_LAYERS
+                                               for layer in getattr(self.cache, "layers", [None]))) if self.kv else False
         # Without a KV cache the whole sequence runs; the LM head is then applied to the scored positions only
         # (a forward hook on the last block cuts its output). Positions after the last block never mix.
         self.slice_ok = bool(slice_head and not self.kv and handle.is_masked and not handle.arch.guessed)
@@ -268,6 +287,62 @@ class _Runner:
         self.pos_full = torch.tensor(self.positions, device=dev)
         self.pos_t = torch.arange(len(self.positions), device=dev) if self.slice_ok else self.pos_full
         self.positions_are_range = self.slice_ok or self.positions == list(range(len(self.positions)))
+
+    def _run_prefix(self) -> None:
+        """The prompt before the blank, once, for its KV cache (the LM head is not computed)."""
+        skip_head = head_inputs(self.head, []) if self.head is not None else contextlib.nullcontext()
+        with torch.no_grad(), skip_head:
+            extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(self.model.forward).parameters else {}
+            out = self.model(input_ids=self.full_ids[:, : self.prefix_len], use_cache=True, **extra)
+        self.cache = _out_cache(out)
+        if self.cache is None or not hasattr(self.cache, "batch_repeat_interleave"):
+            self.kv = False
+
+    def unmerge(self) -> None:
+        """Fall back to a separate prefix pass (the merged clean run's cache or outputs were not usable)."""
+        self.merged = False
+        self.cache = None
+        self._run_prefix()
+        if not self.kv:  # no usable cache at all: rows run the whole prompt
+            self.ids, self.blank = self.full_ids, self.prefix_len
+            self.positions = [p + self.prefix_len for p in self.positions]
+            self.pos_full = torch.tensor(self.positions, device=self.full_ids.device)
+            self.pos_t = self.pos_full
+            self.positions_are_range = self.positions == list(range(len(self.positions)))
+            self._shallow_ok = False
+        else:
+            self._shallow_ok = all(type(layer).__name__ in _SHALLOW_COPY_LAYERS
+                                   for layer in getattr(self.cache, "layers", [None]))
+        self.staircase_ok = ((not self.kv) or self._shallow_ok) and not self.handle.arch.guessed
+        self.clean_blank = self.blank
+
+    def clean_forward(self):
+        """The clean run (batch 1): logits at the positions the rows run."""
+        if not self.merged:
+            return self.forward(1)
+        out = self.model(input_ids=self.full_ids, use_cache=True)
+        cache = _out_cache(out)
+        layers = getattr(cache, "layers", None)
+        if (cache is None or not hasattr(cache, "batch_repeat_interleave") or not layers
+                or any(type(layer).__name__ != "DynamicLayer" for layer in layers)):
+            raise _MergeFailed("the model's KV cache is not a plain dynamic cache")
+        n = self.prefix_len
+        for layer in layers:  # keep the prefix only: the rows run the blank and target positions on it
+            layer.keys, layer.values = layer.keys[..., :n, :], layer.values[..., :n, :]
+        self.cache = cache
+        return out.logits[:, n:]
+
+    def rows_outputs(self, outputs: dict) -> dict:
+        """Block outputs of the clean run at the positions the rows run (merged: after the prefix)."""
+        if not self.merged:
+            return outputs
+        n, S = self.prefix_len, self.full_ids.shape[1]
+        cut = {}
+        for j, o in outputs.items():
+            if not (isinstance(o, torch.Tensor) and o.dim() >= 2 and o.shape[1] == S):
+                raise _MergeFailed("a block returns more than its hidden states")
+            cut[j] = o[:, n:]
+        return cut
 
     def disable_slicing(self) -> None:
         self.slice_ok = False
@@ -351,7 +426,9 @@ class _Runner:
         io, self._head_io = self._head_io, []
         if not self.fused_candidate or len(io) != 1 or io[0][1] is None:
             return
-        x, y = io[0]
+        y = io[0][1]
+        if y.dim() == 3 and logits.dim() == 3 and y.shape[1] > logits.shape[1]:
+            y = y[:, y.shape[1] - logits.shape[1]:]  # merged clean run: the logits are those after the prefix
         if y.shape == logits.shape and y.dtype == logits.dtype and torch.equal(y, logits):
             self.fused = True  # (otherwise the model post-processes its logits: soft-capping, scaling, ...)
 
@@ -381,17 +458,24 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, oom) or "out of memory" in str(exc).lower()
 
 
-def _chunks(n_layers: int, per_layer: int, batch_size: int):
-    """Row ranges of the (layer-sorted) rows: whole layers per chunk when ``batch_size >= per_layer`` (so the
-    replay of lower blocks is never wasted), else pieces of one layer."""
-    total = n_layers * per_layer
-    if batch_size >= per_layer:
-        step = (batch_size // per_layer) * per_layer
-        return [(a, min(a + step, total)) for a in range(0, total, step)]
-    out = []
-    for layer in range(n_layers):
-        base = layer * per_layer
-        out += [(base + a, base + min(a + batch_size, per_layer)) for a in range(0, per_layer, batch_size)]
+def _pack(sizes: list[int], batch_size: int):
+    """Row ranges of consecutive groups (the clean rows, then each layer's rows): whole groups per pass while they
+    fit ``batch_size`` (so the replay of lower blocks is never wasted), a group bigger than that in pieces."""
+    out, start, pos = [], 0, 0
+    for size in sizes:
+        if size > batch_size:
+            if pos > start:
+                out.append((start, pos))
+            out += [(pos + a, pos + min(a + batch_size, size)) for a in range(0, size, batch_size)]
+            pos += size
+            start = pos
+            continue
+        if pos + size - start > batch_size:
+            out.append((start, pos))
+            start = pos
+        pos += size
+    if pos > start:
+        out.append((start, pos))
     return out
 
 
@@ -423,16 +507,17 @@ def integrated_gradients(handle, prompt: str, target: str, steps: int = 20, scor
 
 
 def attribute(handle, prompts, target, steps: int = 20, score: str = "prob", batch_size: int = DEFAULT_BATCH_SIZE,
-              layers=None, progress: Callable[[int], None] | None = None, batch_prompts: bool | None = None,
+              layers=None, progress: Callable[[int], None] | None = None, batch_prompts: bool = False,
               **kw) -> list[Attribution]:
     """:func:`integrated_gradients` for several prompts (``target`` may be one string or one per prompt).
 
     With ``batch_prompts`` the rows of compatible prompts share passes: causal prompts with the same target
     (their KV-cached prefixes are left-padded and masked) and masked prompts with the same target (right-padded
     and masked). Results equal one-prompt-at-a-time runs (tests); ``params["prompts_per_group"]`` says how many
-    prompts shared the passes. The default (``None``) batches on a GPU only: on a 2-core CPU one prompt's rows
-    already fill the matrix units and bigger passes were slower (SmolLM2-135M, 4 paraphrases: 2.5 s vs 2.0 s
-    per prompt; GPT-2 shape: 0.93 s vs 0.90 s).
+    prompts shared the passes. Off by default: on a 2-core CPU one prompt's rows already fill the matrix units
+    and the bigger passes were slower (4 paraphrases, seconds per prompt: SmolLM2-135M 2.5 vs 2.0, GPT-2 shape
+    1.04 vs 0.80); on a GPU, where one prompt's rows leave it idle, it should pay — not measured yet
+    (``benchmarks/attribution_speed.py --paraphrases --device cuda``).
     """
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -445,8 +530,6 @@ def attribute(handle, prompts, target, steps: int = 20, score: str = "prob", bat
     slice_head, fused_head = kw.pop("slice_head", True), kw.pop("fused_head", True)
     if kw:
         raise KneuronsError(f"unknown option(s): {', '.join(sorted(kw))}")
-    if batch_prompts is None:
-        batch_prompts = handle.device.type == "cuda"
     return _engine(handle, list(prompts), targets, steps, score, batch_size, layers, use_cache, replay, slice_head,
                    fused_head, bool(batch_prompts), progress)
 
@@ -472,7 +555,7 @@ def _engine(handle, prompts, targets, steps, score, batch_size, layers, use_cach
             out: list[Attribution | None] = [None] * len(prompts)
             groups: dict[object, list[int]] = {}
             for i, enc in enumerate(encs):
-                prep = _prepare(handle, prompts[i], enc, score, layers, use_cache, slice_head, fused_head, progress)
+                prep = _prepare(handle, prompts[i], enc, score, layers, use_cache, slice_head, fused_head)
                 key = _group_key(handle, prep) if batch_prompts else None
                 groups.setdefault(key if key is not None else ("alone", i), []).append(i)
                 out[i] = prep  # replaced by its Attribution below
@@ -492,70 +575,56 @@ def _engine(handle, prompts, targets, steps, score, batch_size, layers, use_cach
 
 @dataclass
 class _Prepared:
-    """One prompt after its clean run: the alpha = 1 term of every layer, the blank activations, the block outputs."""
+    """One prompt after its clean run: the blank activations, the block outputs, the score."""
 
     prompt: str
     enc: Encoded
     run: "_Runner"
     W: torch.Tensor  # [L, d_ff] clean activations at the blank
     outputs: dict  # block j -> its clean output (for replay)
-    last_term: torch.Tensor  # [L, d_ff] w * dS/dw at alpha = 1
+    last_term: torch.Tensor  # [L, d_ff] w * dS/dw at alpha = 1 (from the clean row)
     base: float
 
 
-def _prepare(handle, prompt, enc, score, layers, use_cache, slice_head, fused_head, progress) -> _Prepared:
+def _prepare(handle, prompt, enc, score, layers, use_cache, slice_head, fused_head) -> _Prepared:
     arch = handle.arch
     L = arch.n_layers
     run = _Runner(handle, enc, use_cache, slice_head, fused_head)
 
-    # the clean run = the alpha = 1 row of every layer at once: blank activations of every layer, every block's
-    # output (for replay), and from one backward pass the gradient w.r.t. a unit scale on each chosen layer's
-    # blank activation, i.e. w * dS/dw at alpha = 1 (the k = m term of every layer's sum)
+    # the clean run: the blank activations of every layer, every block's output (for replay) and the score; the
+    # alpha = 1 terms come later, from one "clean row" in the first pass (see _attribute_rows)
     acts: dict[int, torch.Tensor] = {}
-    units: dict[int, torch.Tensor] = {}
-    chosen = set(layers)
 
     def grab(layer, x):
-        acts[layer] = x[0, run.blank].detach().clone()
-        if layer not in chosen:
-            return None
-        units[layer] = torch.ones_like(acts[layer], requires_grad=True)
-        y = x.clone()
-        y[:, run.blank] = x[:, run.blank] * units[layer].to(x.dtype)  # x * 1: the values are unchanged
-        return y
+        acts[layer] = x[0, run.clean_blank].detach().clone()
 
     def clean_run():
-        with torch.enable_grad(), ffn_hooks(arch, grab), capture_layer_outputs(arch, range(L)) as outs, \
+        with torch.no_grad(), ffn_hooks(arch, grab), capture_layer_outputs(arch, range(L)) as outs, \
                 run.clean_head_check():
-            return run.forward(1), outs
+            logits = run.clean_forward()
+        return logits, run.rows_outputs(outs)
 
-    with frozen_parameters(handle.model):
+    try:
         try:
             logits, outputs = clean_run()
-        except RuntimeError as exc:
-            if _is_oom(exc) or not run.slice_ok:
-                raise
-            run.sliced = False
-        if run.slice_ok and not run.sliced:  # the model reshapes after its last block: score the full sequence
-            run.disable_slicing()
+        except _MergeFailed:
+            run.unmerge()
             logits, outputs = clean_run()
-        with torch.enable_grad():
-            base_lp = run.logprob(logits)[0]
-            unit_grads = torch.autograd.grad(base_lp, [units[l] for l in layers])
-    run.validate_fused_head(logits.detach())
+    except RuntimeError as exc:
+        if _is_oom(exc) or not run.slice_ok:
+            raise
+        run.sliced = False
+    if run.slice_ok and not run.sliced:  # the model reshapes after its last block: score the full sequence
+        run.disable_slicing()
+        logits, outputs = clean_run()
+    run.validate_fused_head(logits)
+    base_lp = run.logprob(logits)[0]
     del logits
     W = torch.stack([acts[l] for l in range(L)])  # [L, d_ff]
-    base_lp = base_lp.detach().float() if base_lp.dtype in (torch.float16, torch.bfloat16) else base_lp.detach()
+    base_lp = base_lp.float() if base_lp.dtype in (torch.float16, torch.bfloat16) else base_lp
     base_s = base_lp.exp() if score == "prob" else base_lp
     acc_dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
-    last_term = torch.zeros(L, arch.d_ff, dtype=acc_dtype, device=W.device)
-    for l, g in zip(layers, unit_grads):
-        g = g.to(base_s.dtype) * base_s if score == "prob" else g  # dP = P * dlogP (see _attribute_rows)
-        last_term[l] = g.to(acc_dtype)
-    del unit_grads
-    units.clear()
-    if progress is not None:
-        progress(len(layers))
+    last_term = torch.zeros(L, arch.d_ff, dtype=acc_dtype, device=W.device)  # filled by _attribute_rows
     return _Prepared(prompt, enc, run, W, outputs, last_term, float(base_s))
 
 
@@ -684,7 +753,8 @@ class _Group:
 
 def _attribute_rows(handle, preps: list[_Prepared], steps, score, batch_size, layers, replay,
                     progress) -> list[Attribution]:
-    """The integration points k = 1..m-1 (and the alpha = 0 diagnostic) of every layer of ``preps``' prompts."""
+    """Every row of ``preps``' prompts: the clean rows (the k = m terms), the integration points k = 1..m-1 and
+    the alpha = 0 diagnostic of every layer."""
     arch = handle.arch
     L = arch.n_layers
     P = len(preps)
@@ -695,17 +765,24 @@ def _attribute_rows(handle, preps: list[_Prepared], steps, score, batch_size, la
     grad_sum = torch.zeros(P, L, arch.d_ff, dtype=acc_dtype, device=W0.device)
     layer_zero = torch.full((P, L), float("nan"), dtype=torch.float64)
 
-    # rows: (layer, prompt, k) for k = 0..steps-1, sorted by layer. k >= 1 are the integration points below
-    # alpha = 1; k = 0 (alpha = 0) is the completeness diagnostic, scored in the same passes, not differentiated
-    row_layer = torch.tensor([l for l in layers for _ in range(P) for _ in range(steps)], dtype=torch.long)
-    row_prompt = torch.tensor([p for _ in layers for p in range(P) for _ in range(steps)], dtype=torch.long)
-    row_k = torch.tensor([k for _ in layers for _ in range(P) for k in range(steps)], dtype=torch.long)
+    # rows, sorted by layer: first the clean row of each prompt (layer CLEAN): alpha = 1 with its blank activation
+    # multiplied by a unit vector at every chosen layer — its backward gives w * dS/dw at alpha = 1 of all layers
+    # at once, the k = m terms; then (layer, prompt, k) for k = 0..steps-1: k >= 1 the integration points below
+    # alpha = 1, k = 0 (alpha = 0) the completeness diagnostic, scored in the same passes, not differentiated
+    CLEAN = -1
+    row_layer = torch.tensor([CLEAN] * P + [l for l in layers for _ in range(P) for _ in range(steps)],
+                             dtype=torch.long)
+    row_prompt = torch.tensor(list(range(P)) + [p for _ in layers for p in range(P) for _ in range(steps)],
+                              dtype=torch.long)
+    row_k = torch.tensor([steps] * P + [k for _ in layers for _ in range(P) for k in range(steps)], dtype=torch.long)
+    sizes = [P] + [P * steps] * len(layers)
     vocab = int(arch.unembedding().shape[0])
     positions = group.ids.shape[1] if group is not None else run.ids.shape[1]
     rows_per_pass = batch_size or default_rows_per_pass(
-        steps, positions, handle.device.type, 0 if run.fused else len(run.positions) * vocab)
+        steps, positions, handle.device.type, 0 if run.fused else len(run.positions) * vocab) + P
     Wrows = group.W if group is not None else W0[None]
     blanks = group.blank if group is not None else torch.tensor([run.blank], device=W0.device)
+    unit_index = {l: i for i, l in enumerate(layers)}
 
     def forward(rp, R, active):
         return group.forward(rp, active) if group is not None else run.forward(R, active)
@@ -714,25 +791,35 @@ def _attribute_rows(handle, preps: list[_Prepared], steps, score, batch_size, la
         return _take_rows(group.outputs[j], rp) if group is not None else preps[0].outputs[j]
 
     def run_rows(rl: torch.Tensor, rp: torch.Tensor, alpha: torch.Tensor, grad_rows: torch.Tensor):
-        """Score rows (layer ``rl[r]`` of prompt ``rp[r]`` scaled by ``alpha[r]`` at the blank); gradients of
-        the ``grad_rows`` scores w.r.t. their scaled activations."""
+        """Score rows (layer ``rl[r]`` of prompt ``rp[r]`` scaled by ``alpha[r]`` at the blank; clean rows
+        unchanged); gradients of the ``grad_rows`` scores w.r.t. the scaled activations and the clean rows'
+        unit scales."""
         R = len(rl)
-        need_grad = bool(grad_rows.any())
         dev = Wrows.device
-        scaled = alpha.to(Wrows.dtype).to(dev)[:, None] * Wrows[rp.to(dev), rl.to(dev)]
+        clean = (rl == CLEAN).nonzero()[:, 0].to(dev)
+        patched = rl >= 0
+        need_grad = bool(grad_rows.any())
+        scaled = alpha.to(Wrows.dtype).to(dev)[:, None] * Wrows[rp.to(dev), rl.clamp(min=0).to(dev)]
         if need_grad:
             scaled.requires_grad_(True)
-        present = sorted(set(rl.tolist()))
+        units = torch.ones(len(clean), len(layers), arch.d_ff, dtype=Wrows.dtype, device=dev,
+                           requires_grad=need_grad) if len(clean) else None
+        present = sorted(set(rl[patched].tolist()) | (set(layers) if units is not None else set()))
         sel_by_layer = {l: (rl == l).nonzero()[:, 0].to(dev) for l in present}
         row_blank = blanks[rp.to(blanks.device)].to(dev)
 
         def patch(layer, x):
             sel = sel_by_layer.get(layer)
-            if sel is None:
+            with_units = units is not None and layer in unit_index
+            if (sel is None or not len(sel)) and not with_units:
                 return None
-            x = x.clone()
-            x[sel, row_blank[sel]] = scaled[sel].to(x.dtype)
-            return x
+            y = x.clone()
+            if sel is not None and len(sel):
+                y[sel, row_blank[sel]] = scaled[sel].to(x.dtype)
+            if with_units:  # x * 1: the clean rows' values are unchanged
+                b = row_blank[clean]
+                y[clean, b] = x[clean, b] * units[:, unit_index[layer]].to(x.dtype)
+            return y
 
         def attempt(active, cached):
             with (torch.enable_grad() if need_grad else torch.no_grad()), ffn_hooks(arch, patch, present), \
@@ -743,19 +830,27 @@ def _attribute_rows(handle, preps: list[_Prepared], steps, score, batch_size, la
                     lp = run.fused_logprob(head_in[-1], need_grad)
                 else:
                     lp = run.logprob(forward(rp, R, active))
-                g = torch.autograd.grad(lp[grad_rows.to(lp.device)].sum(), scaled)[0] if need_grad else None
+                g = gu = None
+                if need_grad:
+                    g, gu = torch.autograd.grad(lp[grad_rows.to(lp.device)].sum(),
+                                                [scaled, units if units is not None else scaled], allow_unused=True)
+                    gu = gu if units is not None else None
             lp = lp.detach().float() if lp.dtype in (torch.float16, torch.bfloat16) else lp.detach()
             s = lp.exp() if score == "prob" else lp
-            if g is not None and score == "prob":
+            if score == "prob":
                 # dP/dw = P * dlogP/dw: the log-probability's gradient stays well scaled in half precision,
                 # where P's own gradient underflows for unlikely targets
-                g = g.to(s.dtype) * s[:, None]
-            return s, g
+                if g is not None:
+                    g = g.to(s.dtype) * s[:, None]
+                if gu is not None:
+                    gu = gu.to(s.dtype) * s[clean.to(s.device), None, None]
+            return s, g, gu
 
         if not replay:
             return attempt({j: R for j in range(L)}, {})
-        # block j runs only for the rows patched at or below j (rows are sorted by layer); the others take
-        # block j's clean output from the cache
+        # block j runs only for the rows patched at or below j (rows are sorted by layer; clean rows run every
+        # block); the others take block j's clean output from the cache
+        first = int(rl.min().clamp(min=0))
         if all(p.run.staircase_ok for p in preps):
             active = {j: int((rl <= j).sum()) for j in range(L)}
             try:
@@ -767,24 +862,28 @@ def _attribute_rows(handle, preps: list[_Prepared], steps, score, batch_size, la
                 # ALiBi bias, [batch * heads, ...]): run whole blocks from here on, replaying only below
                 for p in preps:
                     p.run.staircase_ok = False
-        return attempt({j: (0 if j < present[0] else R) for j in range(L)},
-                       {j: replayed(j, rp) for j in range(present[0])})
+        return attempt({j: (0 if j < first else R) for j in range(L)}, {j: replayed(j, rp) for j in range(first)})
 
     with frozen_parameters(handle.model):
-        for start, stop in _chunks(len(layers), P * steps, rows_per_pass):
+        for start, stop in _pack(sizes, rows_per_pass):
             rl, rp, rk = row_layer[start:stop], row_prompt[start:stop], row_k[start:stop]
-            grad_rows = rk > 0
-            s, g = run_rows(rl, rp, rk.double() / steps, grad_rows)
-            if g is not None:
-                gr = grad_rows.to(g.device)
-                grad_sum.index_put_((rp[grad_rows].to(grad_sum.device), rl[grad_rows].to(grad_sum.device)),
+            grad_rows = rk > 0  # the clean rows (k = steps) included
+            s, g, gu = run_rows(rl, rp, rk.double() / steps, grad_rows)
+            steps_rows = grad_rows & (rl >= 0)
+            if g is not None and bool(steps_rows.any()):
+                gr = steps_rows.to(g.device)
+                grad_sum.index_put_((rp[steps_rows].to(grad_sum.device), rl[steps_rows].to(grad_sum.device)),
                                     g[gr].detach().to(grad_sum.dtype), accumulate=True)
-            for p, l, v in zip(rp[~grad_rows].tolist(), rl[~grad_rows].tolist(),
-                               s[(~grad_rows).to(s.device)].tolist()):
+            if gu is not None:
+                for c, p in enumerate(rp[rl == CLEAN].tolist()):
+                    preps[p].last_term[layers] = gu[c].detach().to(acc_dtype)
+            zero = rk == 0
+            for p, l, v in zip(rp[zero].tolist(), rl[zero].tolist(), s[zero.to(s.device)].tolist()):
                 layer_zero[p, l] = float(v)  # the score with layer l's blank activation set to 0
-            del g
-            if progress is not None:
-                progress(len(rl))
+            del g, gu
+            if progress is not None:  # a clean row stands for the alpha = 1 row of every layer
+                n_clean = int((rl == CLEAN).sum())
+                progress(len(rl) - n_clean + n_clean * len(layers))
     mask = torch.zeros(L, dtype=torch.bool)
     mask[layers] = True
     out_dtype = torch.float64 if W0.dtype == torch.float64 else torch.float32
@@ -795,7 +894,7 @@ def _attribute_rows(handle, preps: list[_Prepared], steps, score, batch_size, la
         scores[~mask.to(scores.device)] = 0
         params = {"steps": steps, "score": score, "batch_size": batch_size, "rows_per_pass": rows_per_pass,
                   "layers": layers, "baseline": "zero", "position": "blank", "use_cache": r.kv, "replay": replay,
-                  "head_on_scored_positions": r.slice_ok, "fused_head": r.fused,
+                  "head_on_scored_positions": r.slice_ok, "fused_head": r.fused, "prefix_from_clean_run": r.merged,
                   "partial_blocks": bool(replay and r.staircase_ok), "prompts_per_group": P}
         results.append(Attribution(scores.to(out_dtype).cpu(), prep.W.to(out_dtype).cpu(), prep.prompt,
                                    prep.enc.target, prep.enc.target_ids, prep.base, layer_zero[i], params,

@@ -178,9 +178,9 @@ def locate(handle, prompts: Sequence[str], target, steps: int = 20, threshold: f
            abs_threshold: float | None = None, top_k: int | None = None, p: float = 0.7, min_prompts: int = 3,
            adaptive: bool = False, score: str = "prob", batch_size: int = DEFAULT_BATCH_SIZE,
            keep_attributions: bool = True, progress: Callable[[int], None] | None = None,
-           batch_prompts: bool | None = None) -> KnowledgeNeurons:
+           batch_prompts: bool = False) -> KnowledgeNeurons:
     """Refined knowledge neurons of the fact expressed by ``prompts`` (paraphrases) with answer ``target``.
-    ``batch_prompts``: let the paraphrases' rows share passes (default: on a GPU; see :func:`attribute`)."""
+    ``batch_prompts``: let the paraphrases' rows share passes (see :func:`attribute`)."""
     target = _targets_one_fact(prompts, target)
     _check_fraction("threshold", threshold)
     _check_fraction("p", p)
