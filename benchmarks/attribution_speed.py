@@ -277,17 +277,21 @@ def _sync(device):
 
 
 def measure(fn, device, repeats: int):
-    """Median seconds of ``repeats`` calls (after the caller's warm-up), peak memory of the first call, result."""
-    times, peak, result = [], 0, None
-    for r in range(max(1, repeats)):
-        with PeakMemory(device) as pm:
-            _sync(device)
-            t0 = time.perf_counter()
-            result = fn()
-            _sync(device)
-            times.append(time.perf_counter() - t0)
-        if r == 0:
-            peak = pm.peak
+    """Peak memory of one instrumented call, then the median seconds of ``repeats`` plain calls, and the result.
+
+    The memory call starts from a trimmed heap and samples RSS from a second thread; both would distort a timing
+    (page faults on a cold heap, a thread competing for 2 cores), so timed calls run without them — the same
+    way for every method."""
+    with PeakMemory(device) as pm:
+        result = fn()
+    peak = pm.peak
+    times = []
+    for _ in range(max(1, repeats)):
+        _sync(device)
+        t0 = time.perf_counter()
+        result = fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
     return statistics.median(times), peak, result
 
 
