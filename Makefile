@@ -39,7 +39,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install -q --disable-pip-version-check einops seaborn
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps knowledge-neurons==0.0.2
-	$(PY) benchmarks/attribution_speed.py
+	$(PY) benchmarks/attribution_speed.py --repeats 3
 
 reproduce: $(STAMP)
 	$(VENV)/bin/kneurons run --data $(DATA) --out $(RUN) $(REPRODUCE_ARGS)

@@ -3,7 +3,8 @@
     PYTHONPATH=src:tests python benchmarks/device_check.py
 
 1. On tiny float64 models of several architectures, moved to CUDA: integrated gradients equal the naive reference
-   (per layer, per step, full recompute) and do not depend on the batch size; suppress through the hook equals a
+   (per layer, per step, full recompute), do not depend on the batch size, and prompts sharing passes
+   (``attribute(..., batch_prompts=True)``) equal prompts run alone; suppress through the hook equals a
    hand patch; an update reverts bit-exactly.
 2. GPT-2-small and BERT-base shapes (random weights) on CUDA: seconds per prompt, kneurons vs the naive loop.
 """
@@ -21,6 +22,7 @@ from reference import naive_ig  # noqa: E402
 from tiny import tiny_model  # noqa: E402
 
 from kneurons import ModelHandle, integrated_gradients  # noqa: E402
+from kneurons.attribution import attribute  # noqa: E402
 from kneurons.architectures import ARCHITECTURES  # noqa: E402
 from kneurons.interventions import score, suppress, update_fact, weights_digest  # noqa: E402
 
@@ -41,6 +43,11 @@ def exactness(device) -> bool:
         for bs in (9, 1000):
             a = integrated_gradients(h, prompt, target, steps=8, batch_size=bs)
             errs.append(float((a.scores - ref.cpu()).abs().max() / ref.cpu().abs().max()))
+        paras = ([prompt, "[MASK] has paris as its capital city .", "paris is in [MASK] ."] if h.is_masked else
+                 ["the capital of france is ___", "france has as its capital city ___", "a city called ___"])
+        alone = [integrated_gradients(h, p, target, steps=4) for p in paras]
+        shared = attribute(h, paras, target, steps=4, batch_prompts=True)  # rows of 3 prompts in shared passes
+        errs.append(max(float((a.scores - b.scores).abs().max() / b.scores.abs().max()) for a, b in zip(shared, alone)))
         p0 = score(h, [prompt], target)[0].prob
         with torch.no_grad():
             p1 = score(h, [prompt], target, suppress(h, [(0, 1), (1, 2)]))[0].prob
