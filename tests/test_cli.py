@@ -49,6 +49,12 @@ def test_locate_saves_json(capsys, model_dir, tmp_path):
     code, out, err = run(capsys, "locate", "--model", model_dir, "--target", "paris", "--save", str(out_file),
                          "the capital of france is ___ .", "france has its capital in ___")
     assert code == 2 and "exists" in err and len(err.strip().splitlines()) == 1
+    shared = tmp_path / "kn_shared.json"  # the paraphrases' rows in shared passes: the same neurons
+    code, out, err = run(capsys, "locate", "--model", model_dir, "--target", "paris", "--steps", "3", "--p", "0.5",
+                         "--batch-prompts", "--save", str(shared), "the capital of france is ___ .",
+                         "france has its capital in ___", "the capital city of france is ___")
+    assert code == 0, err
+    assert json.loads(shared.read_text())["neurons"] == data["neurons"]
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -112,7 +112,7 @@ def cmd_locate(args) -> int:
     with _progress_bar(total, "integrated gradients") as bar:
         kn = locate(handle, args.prompts, args.target, steps=args.steps, threshold=args.threshold, p=args.p,
                     min_prompts=args.min_prompts, adaptive=args.adaptive, batch_size=args.batch_size,
-                    score=args.score, progress=bar.update)
+                    score=args.score, progress=bar.update, batch_prompts=args.batch_prompts)
     elapsed = time.time() - t
     _print_located(kn, elapsed)
     if args.save:
@@ -465,12 +465,14 @@ def build_parser() -> argparse.ArgumentParser:
     def ig_args(p):
         p.add_argument("--steps", type=int, default=20, help="integration steps m (default 20)")
         p.add_argument("--batch-size", type=int, default=None,
-                       help="rows per forward/backward pass (memory budget; default: 4 whole layers = 4 x (steps + 1))")
+                       help="rows per forward/backward pass (memory budget; default: about 2048 row-positions on CPU)")
         p.add_argument("--score", choices=["prob", "logprob"], default="prob")
 
     p = sub.add_parser("locate", help="knowledge neurons of one fact from its paraphrase prompts")
     model_args(p)
     ig_args(p)
+    p.add_argument("--batch-prompts", action="store_true",
+                   help="the paraphrases' rows share passes (same numbers; pays on a GPU, slower on a small CPU)")
     p.add_argument("--target", "-t", required=True)
     p.add_argument("--threshold", type=float, default=0.2, help="coarse threshold t x max (default 0.2)")
     p.add_argument("--p", type=float, default=0.7, help="sharing fraction p (default 0.7)")
