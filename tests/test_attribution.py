@@ -145,6 +145,27 @@ def test_fused_head_function_against_log_softmax():
     assert torch.autograd.gradcheck(lambda t: _HeadLogProb.apply(t, w, b, tgt, 7, True), (x.clone().requires_grad_(True),))
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # the subclass's forward(*args, **kwargs) hides `cache`
+def test_model_editing_its_logits_in_place_keeps_its_own_head():
+    # e.g. Chameleon masks image tokens in the returned logits in place: the head's output seen by the check must
+    # not be that same (edited) tensor, or the fused head would be chosen and the rows' placeholder written into
+    from transformers import GPT2LMHeadModel
+
+    class Masking(GPT2LMHeadModel):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits[..., 200:] = torch.finfo(out.logits.dtype).min
+            return out
+
+    h0 = handle_for("gpt2", dtype=torch.float64)
+    model = Masking(h0.model.config).double().eval()
+    model.load_state_dict(h0.model.state_dict())
+    h = ModelHandle.from_model(model, h0.tokenizer, name="masking")
+    got = integrated_gradients(h, PROMPT, "paris", steps=3)
+    assert got.params["fused_head"] is False
+    assert _rel_err(got.scores, naive_ig(h, PROMPT, "paris", steps=3)) <= 1e-6
+
+
 def test_model_that_post_processes_logits_keeps_its_own_head():
     # Gemma-2 soft-caps its logits after the LM head: the fused head must not replace it
     h = handle_for("gemma2", dtype=torch.float64)
@@ -262,7 +283,7 @@ def test_corrupt_or_missing_attribution_file(tmp_path):
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"steps": 0}, "steps"), ({"steps": 2.5}, "steps"), ({"score": "logit"}, "score"),
-    ({"batch_size": 0}, "batch_size"), ({"layers": [99]}, "layers"),
+    ({"batch_size": 0}, "batch_size"), ({"layers": [99]}, "layers"), ({"layers": []}, "layers is empty"),
 ])
 def test_bad_parameters(kwargs, match):
     h = handle_for("gpt2")

@@ -412,7 +412,8 @@ class _Runner:
             return
 
         def keep(mod, args, out):
-            self._head_io.append((args[0].detach(), out.detach() if isinstance(out, torch.Tensor) else None))
+            # a copy: a model that edits its logits in place after the head must fail the check below
+            self._head_io.append((None, out.detach().clone() if isinstance(out, torch.Tensor) else None))
 
         hook = self.head.register_forward_hook(keep)
         try:
@@ -546,6 +547,8 @@ def _engine(handle, prompts, targets, steps, score, batch_size, layers, use_cach
                                     f"{sorted(devices)}")
             L = handle.arch.n_layers
             layers = list(range(L)) if layers is None else sorted(set(int(l) for l in layers))
+            if not layers:
+                raise KneuronsError("layers is empty: name at least one layer (or None for all)")
             if any(l < 0 or l >= L for l in layers):
                 raise KneuronsError(f"layers must be in 0..{L - 1}")
             encs = [encode(handle, p, t) for p, t in zip(prompts, targets)]
@@ -556,7 +559,10 @@ def _engine(handle, prompts, targets, steps, score, batch_size, layers, use_cach
             groups: dict[object, list[int]] = {}
             for i, enc in enumerate(encs):
                 prep = _prepare(handle, prompts[i], enc, score, layers, use_cache, slice_head, fused_head)
-                key = _group_key(handle, prep) if batch_prompts else None
+                if not batch_prompts:  # one prompt at a time: nothing of it is kept for later
+                    out[i] = _attribute_rows(handle, [prep], steps, score, batch_size, layers, replay, progress)[0]
+                    continue
+                key = _group_key(handle, prep)
                 groups.setdefault(key if key is not None else ("alone", i), []).append(i)
                 out[i] = prep  # replaced by its Attribution below
             for members in groups.values():
