@@ -404,16 +404,16 @@ class _Runner:
 
     @contextlib.contextmanager
     def clean_head_check(self):
-        """Around the clean run: record the LM head's input and output, to decide whether the fused head may
-        replace it (see :meth:`validate_fused_head`)."""
-        self._head_io = []
+        """Around the clean run: record the LM head's output, to decide whether the fused head may replace it
+        (see :meth:`validate_fused_head`)."""
+        self._head_out = []
         if not self.fused_candidate:
             yield
             return
 
         def keep(mod, args, out):
             # a copy: a model that edits its logits in place after the head must fail the check below
-            self._head_io.append((None, out.detach().clone() if isinstance(out, torch.Tensor) else None))
+            self._head_out.append(out.detach().clone() if isinstance(out, torch.Tensor) else None)
 
         hook = self.head.register_forward_hook(keep)
         try:
@@ -424,10 +424,10 @@ class _Runner:
     def validate_fused_head(self, logits: torch.Tensor) -> None:
         """Use the fused head only if the model returned its plain ``nn.Linear`` head's output unchanged on the
         clean run (then the fused score is the model's score, up to float rounding: tests)."""
-        io, self._head_io = self._head_io, []
-        if not self.fused_candidate or len(io) != 1 or io[0][1] is None:
+        outs, self._head_out = self._head_out, []
+        if not self.fused_candidate or len(outs) != 1 or outs[0] is None:
             return
-        y = io[0][1]
+        y = outs[0]
         if y.dim() == 3 and logits.dim() == 3 and y.shape[1] > logits.shape[1]:
             y = y[:, y.shape[1] - logits.shape[1]:]  # merged clean run: the logits are those after the prefix
         if y.shape == logits.shape and y.dtype == logits.dtype and torch.equal(y, logits):
