@@ -12,12 +12,15 @@ probability defined in :mod:`kneurons.prompts`, attributed at the first blank po
 
 How it is fast — the numbers are those of the plain definition (tests compare against a naive reference):
 
-1. one clean forward per prompt caches every block's output and the blank activations;
+1. one clean forward per prompt (no gradient) caches every block's output and the blank activations; for
+   causal models it covers the whole prompt and its KV cache, cut to the positions before the blank, serves the
+   rows (sliding-window caches, or blocks returning more than their hidden states: a separate prefix pass);
 2. a batch row that patches layer ``l`` replays the cached outputs of blocks ``< l`` (they are identical for
    every row) instead of recomputing them;
-3. causal models: positions before the blank never see the patch, so the prompt prefix is run once and kept
-   as a KV cache; each row runs only the blank position and the teacher-forced target positions;
-4. rows of all layers and steps share batches (sorted by layer, cut into ``batch_size`` rows);
+3. causal models: positions before the blank never see the patch, so each row runs only the blank position
+   and the teacher-forced target positions on that KV cache;
+4. rows of all layers and steps share batches (sorted by layer, cut into ``batch_size`` rows); with
+   ``attribute(..., batch_prompts=True)`` rows of several prompts too (padded, with attention masks);
 5. gradients flow only to the scaled activations: parameters are frozen during attribution;
 6. the LM head is scored by a fused function streamed over vocabulary chunks: each chunk of the unembedding
    matrix is read once for the logits, the running log-sum-exp and the softmax-weighted sum of unembeddings
@@ -25,9 +28,10 @@ How it is fast — the numbers are those of the plain definition (tests compare 
    Used only where the clean run shows the model returns its plain ``nn.Linear`` head's output unchanged
    (no soft-capping or scaling) in float32/float64; otherwise the model's own logits are scored.
 
-The ``k = m`` (``alpha = 1``) term of every layer comes from the clean run itself: one backward pass gives the
-gradient w.r.t. a unit scale on each layer's blank activation, ``w * dP/dw`` at ``alpha = 1``.
-A forward-only row with ``alpha = 0`` per layer reports completeness: ``sum_i Attr_i`` vs ``P(w) - P(0)``.
+The ``k = m`` (``alpha = 1``) terms of all layers come from one "clean row" per prompt in the first pass: its
+blank activation is multiplied by a unit vector at every layer, and the gradient w.r.t. those units is
+``w * dP/dw`` at ``alpha = 1``. One row per layer with ``alpha = 0``, scored in the same passes but not
+differentiated, reports completeness: ``sum_i Attr_i`` vs ``P(w) - P(0)``.
 """
 
 from __future__ import annotations
