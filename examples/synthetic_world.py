@@ -3,8 +3,8 @@
     .venv/bin/python examples/synthetic_world.py --kind causal      # GPT-2-type; or --kind masked (BERT-type)
 
 Prints, over the facts whose knowledge neurons were found: the mean Δp/p when suppressing / amplifying them
-versus the same number of random neurons and versus control facts, the update success rate, and the perplexity
-change when erasing each relation.
+versus the same number of random neurons and versus control facts, the update success rate (the paper's rule, and
+``space="head"``, which a BERT-type head needs), and the perplexity change when erasing each relation.
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ def main() -> None:
     found = [(k, kn) for k, kn in located.items() if kn.neurons]
     print(f"knowledge neurons found for {len(found)} of {len(located)} facts")
     rows = {"suppress": [], "suppress random": [], "amplify": [], "amplify random": [], "same relation": [],
-            "other relations": [], "update success@1": [], "update random": []}
+            "other relations": [], "update success@1": [], "update random": [],
+            "update success@1 (head space)": [], "update random (head space)": []}
     for (r, s), kn in found:
         ps, obj = P(world.prompts(r, s)), world.facts[r][s]
         rnd = random_neurons(h, kn, seed=1)
@@ -51,12 +52,13 @@ def main() -> None:
         rows["amplify"].append(measure_intervention(h, kn, ps, obj, 2.0).mean_change("fact"))
         rows["amplify random"].append(measure_intervention(h, rnd, ps, obj, 2.0).mean_change("fact"))
         new = world.other_object(r, s)
-        with update_fact(h, kn, obj, new, prompt=ps[0]):
-            rows["update success@1"].append(success(h, ps, new, 1))
-        with update_fact(h, rnd, obj, new, prompt=ps[0]):
-            rows["update random"].append(success(h, ps, new, 1))
+        for space, suffix in (("embedding", ""), ("head", " (head space)")):
+            with update_fact(h, kn, obj, new, prompt=ps[0], space=space):
+                rows["update success@1" + suffix].append(success(h, ps, new, 1))
+            with update_fact(h, rnd, obj, new, prompt=ps[0], space=space):
+                rows["update random" + suffix].append(success(h, ps, new, 1))
     for k, v in rows.items():
-        print(f"  {k:<18} {statistics.mean(v):+.3f}")
+        print(f"  {k:<30} {statistics.mean(v):+.3f}")
     for r in world.relations:
         items = [(p, world.facts[r2][s]) for r2 in [r] for s in world.subjects for p in P(world.prompts(r2, s))]
         others = [(p, world.facts[r2][s]) for r2 in world.relations if r2 != r for s in world.subjects

@@ -91,3 +91,22 @@ def test_console_script_exit_code(model_dir):
 def test_intervention_without_target_is_a_one_line_error(capsys, model_dir):
     code, out, err = run(capsys, "suppress", "--model", model_dir, "--steps", "2", "a b c ___", "b c d ___")
     assert code == 2 and "no target" in err
+
+
+def test_update_in_head_space_saves_the_edited_model(capsys, model_dir, tmp_path):
+    kn_file, edited = tmp_path / "kn.json", tmp_path / "edited"
+    prompts = ["the capital of france is ___ .", "france has its capital in ___", "the capital city of france is ___"]
+    code, out, err = run(capsys, "locate", "--model", model_dir, "--target", "paris", "--steps", "3",
+                         "--save", str(kn_file), *prompts)
+    assert code == 0, err
+    data = json.loads(kn_file.read_text())  # a random tiny model shares no neuron across prompts: take coarse ones
+    data["neurons"] = sorted({tuple(n) for prompt_set in data["coarse"] for n in prompt_set})[:4]
+    kn_file.write_text(json.dumps(data))
+    code, out, err = run(capsys, "update", "--model", model_dir, "--neurons", str(kn_file), "--new", "berlin",
+                         "--space", "head", "--save-model", str(edited))
+    assert code == 0, err
+    assert "update paris -> berlin" in out and "success@1" in out and "edited model saved" in out
+    assert (edited / "config.json").exists()
+    with pytest.raises(SystemExit) as exc:
+        main(["update", "--model", model_dir, "--neurons", str(kn_file), "--new", "berlin", "--space", "sideways"])
+    assert exc.value.code == 2 and "invalid choice: 'sideways'" in capsys.readouterr().err

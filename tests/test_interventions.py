@@ -236,3 +236,57 @@ def test_gradient_space_vector_raises_the_logit_to_first_order(model_type):
     assert gain == pytest.approx(eps * float(g @ g), rel=1e-3)
     with pytest.raises(KneuronsError, match="space"):
         target_vector(h, target, prompt, space="sideways")
+
+
+@pytest.mark.parametrize("model_type", ["bert", "gpt2", "llama", "gemma2"])
+def test_head_space_vector_is_what_the_head_maps_to_the_target(model_type):
+    """space="head": a unit vector u such that the model's own head, fed norm·u as the last block's output (BERT:
+    through its MLM-head transform; Gemma-2: through final soft-capping), gives the target a higher log-probability
+    than the unembedding row it starts from and than 20 random directions; one joint search for two targets equals
+    two separate ones."""
+    from kneurons.interventions import _blank_norm, _head_directions, target_vector
+    from kneurons.prompts import encode
+
+    h = handle_for(model_type, dtype=torch.float64)
+    prompt = "the capital of [MASK] is paris ." if h.is_masked else "the capital of france is ___ ."
+    target, other = ("france", "italy") if h.is_masked else ("paris", "berlin")
+    enc = encode(h, prompt, target)
+    u = target_vector(h, target, prompt, space="head")
+    assert float(u.norm()) == pytest.approx(1.0, abs=1e-9)
+    norm = _blank_norm(h, prompt, target)
+
+    def logprob(vec):  # the target's log-probability at the blank with the last block's output there = norm·vec
+        def hook(mod, args, out):
+            hs = (out[0] if isinstance(out, tuple) else out).clone()
+            hs[0, enc.blank] = norm * vec / vec.norm()
+            return (hs,) + tuple(out[1:]) if isinstance(out, tuple) else hs
+        hd = h.arch.layers[h.n_layers - 1].register_forward_hook(hook)
+        try:
+            with torch.no_grad():
+                logits = h.model(input_ids=torch.tensor([enc.input_ids])).logits[0, enc.score_positions[0]]
+            return float(torch.log_softmax(logits, -1)[enc.target_ids[0]])
+        finally:
+            hd.remove()
+
+    row = h.arch.unembedding()[enc.target_ids[0]].detach().double()
+    gen = torch.Generator().manual_seed(0)
+    best_random = max(logprob(torch.randn(u.shape[0], generator=gen, dtype=torch.float64)) for _ in range(20))
+    assert logprob(u) > max(logprob(row), best_random)
+    ids = [enc.target_ids[0], encode(h, prompt, other).target_ids[0]]
+    joint = _head_directions(h, ids, norm, steps=20)
+    alone = torch.cat([_head_directions(h, [i], norm, steps=20) for i in ids])
+    torch.testing.assert_close(joint, alone, rtol=0, atol=1e-9)
+
+
+def test_electra_updates_only_in_head_space():
+    """ELECTRA's generator head projects to a narrower embedding: the paper's e (an unembedding row) is not in the
+    residual stream and the update is refused; the head space's vectors are, and its edit reverts bit-exactly."""
+    h = handle_for("electra")
+    prompt = "the capital of [MASK] is paris ."
+    before = weights_digest(h.model)
+    with pytest.raises(KneuronsError, match="not in the model width"):
+        update_fact(h, [(0, 3), (1, 5)], "france", "italy", prompt=prompt)
+    slots = h.arch.value_slots(1)[5].clone()
+    with update_fact(h, [(0, 3), (1, 5)], "france", "italy", prompt=prompt, space="head"):
+        assert not torch.equal(h.arch.value_slots(1)[5], slots)
+    assert weights_digest(h.model) == before

@@ -15,8 +15,8 @@ suppress, random  Δp/p     +0.0%                +0.1%                |.| <= 1%,
 suppress, controls Δp/p    -7.3%                -2.1%                fact drop >= 2.5x the controls' mean drop
 amplify x2, fact Δp/p      +7.8%                +6.5%                >= +4%, and >= 10x random
 amplify x2, random Δp/p    -0.1%                -0.2%
-update success@1           95% (random 8%)      7%; 50% gradient     causal: >= 60%, random <= 30%; masked: see
-                                                (random 4%)          test_updating_facts_masked_needs_the_gradient_space
+update success@1           95% (random 8%)      7%; 78% head space   causal: >= 60%, random <= 30%; masked: see
+                                                (random 4%)          test_updating_facts_masked_needs_the_head_space
 erase (top-20), ppl        +53% vs +8% others   +48% vs +6% others   erased relation >= 3x other relations
 =========================  ===================  ===================  ========================================
 
@@ -150,25 +150,26 @@ def test_updating_facts_causal(causal):
     assert statistics.mean(ok) >= 0.6 and statistics.mean(ok_rnd) <= 0.3
 
 
-def test_updating_facts_masked_needs_the_gradient_space(masked):
+def test_updating_facts_masked_needs_the_head_space(masked):
     """The paper's rule (t's unembedding row) barely updates the tiny BERT, whose MLM head transforms the
-    residual before the tied embeddings; ``space="gradient"`` (∂logit/∂h through that transform) does much better.
-    Measured (56 known facts, seed 0): 7 % vs 50 % success@1, random neurons 4 %. Not a clear majority: a gap,
-    stated in README."""
+    residual (dense + GELU + LayerNorm) before the tied embeddings; ``space="head"`` (the residual direction that
+    head maps to the target) makes t' the top-1 answer for a clear majority. Measured (56 known facts, seed 0):
+    7 % vs 78 % success@1, random neurons 4 %; worlds/models of seeds 1 and 2: 67 % and 54 % (paper rule 4 %, 1 %).
+    Failures are mostly facts whose neurons write little at the blank (sum of activation x slot norm)."""
     world, h, located = masked
     digest = weights_digest(h.model)
-    emb, grad, rnd = [], [], []
+    emb, head, rnd = [], [], []
     for (r, s), kn in _facts_with_neurons(located):
         ps = _prompts(h, world.prompts(r, s))
         new = world.other_object(r, s)
-        for out, neurons, space in ((emb, kn, "embedding"), (grad, kn, "gradient"),
-                                    (rnd, random_neurons(h, kn, seed=1), "gradient")):
+        for out, neurons, space in ((emb, kn, "embedding"), (head, kn, "head"),
+                                    (rnd, random_neurons(h, kn, seed=1), "head")):
             with update_fact(h, neurons, world.facts[r][s], new, prompt=ps[0], space=space):
                 out.append(success(h, ps, new, 1))
     assert weights_digest(h.model) == digest
-    e, g, z = statistics.mean(emb), statistics.mean(grad), statistics.mean(rnd)
-    print(f"masked: update success@1 embedding space {e:.2f}, gradient space {g:.2f}, random (gradient) {z:.2f}")
-    assert g >= 0.25 and g >= 3 * max(e, 0.02) and z <= 0.15
+    e, g, z = statistics.mean(emb), statistics.mean(head), statistics.mean(rnd)
+    print(f"masked: update success@1 embedding space {e:.2f}, head space {g:.2f}, random (head) {z:.2f}")
+    assert g >= 0.55 and g >= 4 * max(e, 0.02) and z <= 0.15
 
 
 @pytest.mark.parametrize("kind", ["causal", "masked"])

@@ -14,6 +14,7 @@ from pathlib import Path
 from . import __version__
 from ._io import check_target
 from .errors import KneuronsError
+from .interventions import SPACES
 
 
 def _table(rows: list[dict], columns: list[str] | None = None, floatfmt: str = "{:.4f}") -> str:
@@ -193,7 +194,8 @@ def cmd_update(args) -> int:
     digest = weights_digest(handle.model)
     before = {"old": assess(handle, prompts, old), "new": assess(handle, prompts, args.new),
               "ppl": perplexity(handle, ctrl_p, ctrl_t) if ctrl_p else float("nan")}
-    edit = update_fact(handle, kn, old, args.new, prompt=prompts[0], lambda1=args.lambda1, lambda2=args.lambda2)
+    edit = update_fact(handle, kn, old, args.new, prompt=prompts[0], lambda1=args.lambda1, lambda2=args.lambda2,
+                       space=args.space)
     after = {"old": assess(handle, prompts, old), "new": assess(handle, prompts, args.new),
              "ppl": perplexity(handle, ctrl_p, ctrl_t) if ctrl_p else float("nan")}
     rows = [{"prompt": p, f"P({old}) before": b.prob, "after": a.prob, f"P({args.new}) before": nb.prob,
@@ -507,6 +509,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new", required=True, help="the new answer t'")
     p.add_argument("--lambda1", type=float, default=1.0)
     p.add_argument("--lambda2", type=float, default=8.0)
+    p.add_argument("--space", choices=SPACES, default="embedding",
+                   help="the targets' vectors: the paper's unembedding rows (default), the residual directions the "
+                        "output head maps to them (head; for heads that transform the residual, e.g. BERT's MLM "
+                        "head), or the logit gradient at the first prompt (gradient)")
     p.add_argument("--save-model", default=None, help="save the edited model to this (new or empty) directory")
     p.set_defaults(fn=cmd_update)
 
@@ -551,8 +557,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lambda2", type=float, default=8.0)
     p.add_argument("--update-drop-shared", type=float, default=0.1,
                    help="update: drop neurons shared by more than this fraction of the relation's facts (0: keep)")
-    p.add_argument("--update-space", choices=["embedding", "gradient"], default="embedding",
-                   help="update: the paper's unembedding rows, or the logit gradient through the head (masked LMs)")
+    p.add_argument("--update-space", choices=SPACES, default="embedding",
+                   help="update: the paper's unembedding rows, the residual directions the output head maps to the "
+                        "targets (head), or the logit gradient at the fact's prompt (gradient)")
     p.add_argument("--bingrel-sentences", type=int, default=10, help="activations: sentences per bag (default 10)")
     p.add_argument("--max-tokens", type=int, default=128, help="activations: truncate sentences (default 128)")
     p.add_argument("--erase-relations", nargs="+", default=["P19", "P27", "P106", "P937"])

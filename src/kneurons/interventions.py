@@ -18,11 +18,17 @@ logits, which is what a value slot writes into. For tied models it is also the i
 models (e.g. Llama-style ``lm_head``) it is the ``lm_head`` row. A multi-token target uses the mean of its
 tokens' unembedding rows (tokenized in the context of the fact's prompt).
 
-``space="gradient"`` (an option, not the paper's rule) uses instead the direction of the residual stream that
-raises the target's logit fastest at the fact's prompt: ``e = ∂ logit_t / ∂ h`` at the blank, where ``h`` is the
-last block's output (so the final norm and any output transform, e.g. BERT's MLM-head dense + LayerNorm, are
-taken into account; first target token only). Value slots write into the residual stream, so this is the
-direction an edit should push along when the head is not a bare unembedding.
+``space="head"`` (an option, not the paper's rule) uses the residual-stream direction that the model's own output
+head — everything between the last block and the logits: final norm, BERT's MLM-head transform (dense + GELU +
+LayerNorm), soft-capping, projections — maps to the target most confidently: the unit vector ``u`` maximising
+``log p(t | head(n·u))``, with ``n`` the norm of the last block's output at the fact's blank, found by gradient
+ascent (Adam, 100 steps) from the unembedding row. Like the paper's ``e`` it depends on the target (and ``n``) only;
+for a head that is a norm and a bare unembedding it stays close to that row; where the head transforms the residual
+first (BERT-type models) the unembedding row is not a direction the value slots can write the target with, and
+this is. A multi-token target uses the mean of its tokens' directions.
+
+``space="gradient"`` (an option) uses the local direction ``e = ∂ logit_t / ∂ h`` at the blank of the fact's prompt,
+where ``h`` is the last block's output (first target token only).
 
 **Erase** a relation: the neurons shared by at least ``min_facts`` of its facts' knowledge-neuron sets (or the
 ``top_k`` most frequent) get their value slots set to zero or to the unknown token's unembedding vector
@@ -262,7 +268,12 @@ def _check_editable(handle) -> None:
         raise KneuronsError("cannot edit a quantized model; load it in float32/bfloat16")
 
 
-SPACES = ("embedding", "gradient")
+SPACES = ("embedding", "head", "gradient")
+HEAD_STEPS = 100  # Adam steps (lr 0.05) of the space="head" search
+
+
+def _last_block(handle):
+    return handle.arch.layers[handle.n_layers - 1]
 
 
 def _logit_gradient(handle, target: str, prompt: str) -> torch.Tensor:
@@ -276,7 +287,7 @@ def _logit_gradient(handle, target: str, prompt: str) -> torch.Tensor:
         grabbed["h"] = leaf
         return (leaf,) + tuple(out[1:]) if isinstance(out, tuple) else leaf
 
-    handle_ = handle.arch.layers[handle.n_layers - 1].register_forward_hook(hook)
+    handle_ = _last_block(handle).register_forward_hook(hook)
     try:
         with torch.enable_grad():
             out = handle.model(input_ids=torch.tensor([enc.input_ids], device=handle.device))
@@ -287,23 +298,94 @@ def _logit_gradient(handle, target: str, prompt: str) -> torch.Tensor:
     return g[0, enc.blank].detach().double()
 
 
+def _head_directions(handle, token_ids: Sequence[int], norm: float, steps: int = HEAD_STEPS,
+                     lr: float = 0.05) -> torch.Tensor:
+    """Per token, the unit residual vector ``u`` maximising log p(token | head(norm · u)) (module docstring).
+
+    The head is the model's own: one-token inputs (one row per token) are run with the last block's output
+    replaced by ``norm · u``, so whatever follows the last block (norms, transforms, soft-capping) is what the
+    search sees. Rows are independent (the loss is their sum and Adam acts elementwise).
+    """
+    U = handle.arch.unembedding()
+    d = handle.arch.d_model
+    starts = []
+    for t in token_ids:
+        start = U[t].detach().float().cpu() if U.shape[1] == d else torch.zeros(d)
+        if not torch.isfinite(start).all() or float(start.norm()) == 0:
+            start = torch.randn(d, generator=torch.Generator().manual_seed(int(t)))
+        starts.append(start / start.norm())
+    dtype = torch.promote_types(U.dtype, torch.float32)  # float64 models search in float64
+    u = torch.stack(starts).to(handle.device, dtype).requires_grad_(True)
+    ids = torch.tensor(list(token_ids), device=handle.device)
+
+    def hook(mod, args, out):
+        h = out[0] if isinstance(out, tuple) else out
+        x = (norm * u / u.norm(dim=-1, keepdim=True)).to(h.dtype)[:, None, :].expand_as(h)
+        return (x,) + tuple(out[1:]) if isinstance(out, tuple) else x
+
+    opt = torch.optim.Adam([u], lr=lr)
+    hook_ = _last_block(handle).register_forward_hook(hook)
+    try:
+        with torch.enable_grad():
+            for _ in range(steps):
+                logits = handle.model(input_ids=ids[:, None]).logits[:, -1].float()
+                loss = -torch.log_softmax(logits, -1).gather(1, ids[:, None]).sum()
+                opt.zero_grad()
+                loss.backward(inputs=[u])
+                opt.step()
+    finally:
+        hook_.remove()
+    u = u.detach().double()
+    return u / u.norm(dim=-1, keepdim=True)
+
+
+def _blank_norm(handle, prompt: str, target: str) -> float:
+    """Norm of the last block's output at the blank of ``prompt``."""
+    enc = encode(handle, prompt, target)
+    grabbed = {}
+
+    def hook(mod, args, out):
+        grabbed["h"] = (out[0] if isinstance(out, tuple) else out)[0, enc.blank].detach()
+
+    hook_ = _last_block(handle).register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            handle.model(input_ids=torch.tensor([enc.input_ids], device=handle.device))
+    finally:
+        hook_.remove()
+    return float(grabbed["h"].double().norm())
+
+
 def target_vector(handle, target: str, prompt: str | None = None, space: str = "embedding") -> torch.Tensor:
-    """The target's vector: its tokens' mean unembedding row (``space="embedding"``, the paper's), or the
-    residual-stream gradient of its logit at ``prompt`` (``space="gradient"``, see the module docstring)."""
+    """The target's vector: its tokens' mean unembedding row (``space="embedding"``, the paper's), the residual
+    direction the output head maps to it (``space="head"``), or the residual-stream gradient of its logit at
+    ``prompt`` (``space="gradient"``); see the module docstring."""
+    return _target_vectors(handle, [target], prompt, space)[0]
+
+
+def _target_vectors(handle, targets: Sequence[str], prompt: str | None, space: str) -> list[torch.Tensor]:
     if space not in SPACES:
         raise KneuronsError(f"space must be one of {', '.join(SPACES)}, got {space!r}")
     if space == "gradient":
         if prompt is None:
             raise KneuronsError("space='gradient' needs the fact's prompt")
-        return _logit_gradient(handle, target, prompt)
+        return [_logit_gradient(handle, t, prompt) for t in targets]
+    if prompt is None:
+        prompt = "X [Y]"  # a leading space, as after any word (matters for byte-level BPE vocabularies)
+    ids = [encode(handle, prompt, t).target_ids for t in targets]
+    if space == "head":  # one search for every token of every target
+        flat = [i for one in ids for i in one]
+        dirs = _head_directions(handle, flat, _blank_norm(handle, prompt, targets[0]))
+        out, k = [], 0
+        for one in ids:
+            out.append(dirs[k: k + len(one)].mean(0))
+            k += len(one)
+        return out
     U = handle.arch.unembedding()
     if U.shape[1] != handle.arch.d_model:
         raise KneuronsError(f"model type {handle.model_type!r}: its output embeddings ({U.shape[1]} wide) are not in "
                             f"the model width ({handle.arch.d_model}); value-slot edits are not defined")
-    if prompt is None:
-        prompt = "X [Y]"  # a leading space, as after any word (matters for byte-level BPE vocabularies)
-    ids = encode(handle, prompt, target).target_ids
-    return U[torch.tensor(ids, device=U.device)].detach().double().mean(0)
+    return [U[torch.tensor(one, device=U.device)].detach().double().mean(0) for one in ids]
 
 
 def update_fact(handle, neurons, old_target: str, new_target: str, prompt: str | None = None,
@@ -318,8 +400,7 @@ def update_fact(handle, neurons, old_target: str, new_target: str, prompt: str |
     _check_editable(handle)
     if prompt is None and hasattr(neurons, "prompts") and neurons.prompts:
         prompt = neurons.prompts[0]
-    e_old = target_vector(handle, old_target, prompt, space)
-    e_new = target_vector(handle, new_target, prompt, space)
+    e_old, e_new = _target_vectors(handle, [old_target, new_target], prompt, space)
     for vec, name in ((e_old, old_target), (e_new, new_target)):
         if not torch.isfinite(vec).all() or float(vec.norm()) == 0:
             raise KneuronsError(f"target {name!r} has a zero or non-finite output embedding; cannot scale by it")

@@ -17,7 +17,7 @@ from typing import Callable
 from .. import __version__
 from ..data.pararel import Pararel, load_bingrel, load_pararel, bingrel_filename
 from ..errors import KneuronsError
-from ..interventions import weights_digest
+from ..interventions import SPACES, weights_digest
 from ..neurons import random_neurons
 from .activations import bag_activations
 from .assess import KNOWN_AMONG, assess_facts
@@ -136,8 +136,8 @@ class RunConfig:
             raise KneuronsError(f"known_among must be one of {', '.join(KNOWN_AMONG)}")
         if not isinstance(self.known_fraction, (int, float)) or not 0 <= self.known_fraction < 1:
             raise KneuronsError(f"known_fraction must be in [0, 1), got {self.known_fraction!r}")
-        if self.update_space not in ("embedding", "gradient"):
-            raise KneuronsError(f"update_space must be 'embedding' or 'gradient', got {self.update_space!r}")
+        if self.update_space not in SPACES:
+            raise KneuronsError(f"update_space must be one of {', '.join(SPACES)}, got {self.update_space!r}")
         if self.erase_mode not in ("zero", "unk"):
             raise KneuronsError("erase_mode must be 'zero' or 'unk'")
         if self.erase_top_k is None and self.erase_min_facts is None:
