@@ -290,3 +290,40 @@ def test_electra_updates_only_in_head_space():
     with update_fact(h, [(0, 3), (1, 5)], "france", "italy", prompt=prompt, space="head"):
         assert not torch.equal(h.arch.value_slots(1)[5], slots)
     assert weights_digest(h.model) == before
+
+
+def _tokenizer_with(**specials):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    names = list(dict.fromkeys(specials.values())) + ["the", "capital", "of", "france", "is", "paris"]
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(names)}, unk_token=specials["unk_token"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **specials)
+
+
+@pytest.mark.parametrize("specials, genuine", [
+    (dict(unk_token="[UNK]", pad_token="[PAD]"), True),                                         # BERT-style
+    (dict(unk_token="<unk>", bos_token="<s>", eos_token="</s>"), True),                         # Llama/Gemma-style
+    (dict(unk_token="<|endoftext|>", bos_token="<|endoftext|>", eos_token="<|endoftext|>"), False),  # GPT-2
+    (dict(unk_token="<|endoftext|>", bos_token="<|im_start|>", eos_token="<|im_end|>"), False),      # SmolLM2
+    (dict(unk_token="</s>", bos_token="</s>", eos_token="</s>", pad_token="<pad>"), False),          # OPT
+])
+def test_erase_with_unk_needs_a_real_unknown_token(specials, genuine):
+    from kneurons.interventions import unknown_token
+
+    tok = _tokenizer_with(**specials)
+    unk, why = unknown_token(tok)
+    assert (unk == tok.convert_tokens_to_ids(specials["unk_token"])) if genuine else (unk is None and why)
+    h = handle_for("gpt2")
+    h.tokenizer = tok
+    before = weights_digest(h.model)
+    U = h.arch.unembedding()
+    if genuine:
+        with erase_relation(h, [[(0, 1)]], min_facts=1, mode="unk") as edit:
+            assert torch.equal(h.arch.value_slots(0)[1], U[unk]) and edit.info["mode"] == "unk"
+    else:
+        with pytest.warns(UserWarning, match="sequence marker"):
+            edit = erase_relation(h, [[(0, 1)]], min_facts=1, mode="unk")
+        with edit:
+            assert edit.info["mode"] == "zero" and not h.arch.value_slots(0)[1].any()
+    assert weights_digest(h.model) == before

@@ -32,7 +32,8 @@ where ``h`` is the last block's output (first target token only).
 
 **Erase** a relation: the neurons shared by at least ``min_facts`` of its facts' knowledge-neuron sets (or the
 ``top_k`` most frequent) get their value slots set to zero or to the unknown token's unembedding vector
-(models whose tokenizer has no unknown token: zero, with a warning).
+(models whose tokenizer has no unknown token — byte-level vocabularies whose "unknown" token is really a marker
+such as ``<|endoftext|>``, see :func:`unknown_token` — get zero, with a warning).
 """
 
 from __future__ import annotations
@@ -426,6 +427,21 @@ def shared_neurons(neuron_sets: Iterable, min_facts: int | None = 5, top_k: int 
     return sorted(n for n, c in counts.items() if c >= int(min_facts))
 
 
+def unknown_token(tokenizer) -> tuple[int | None, str]:
+    """The id of the tokenizer's unknown token — a BERT-style [UNK]/<unk> that stands for no word — or ``None``
+    and the reason. Byte-level vocabularies (GPT-2, SmolLM2, OPT, ...) have none: they name a document or sequence
+    marker (``<|endoftext|>``, ``</s>``) as their "unknown" token, and filling value slots with it would write that
+    marker, not an unknown word."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    name = getattr(tokenizer, "unk_token", None)
+    if unk is None or name is None:
+        return None, "the tokenizer has no unknown token"
+    markers = {getattr(tokenizer, f"{k}_token_id", None) for k in ("bos", "eos", "pad", "sep", "cls")}
+    if unk in markers or "unk" not in str(name).lower():
+        return None, f"the tokenizer's unknown token {name!r} is a sequence marker, not an unknown word"
+    return int(unk), ""
+
+
 def erase_relation(handle, neuron_sets: Iterable, min_facts: int | None = 5, top_k: int | None = None,
                    mode: str = "zero") -> Edit:
     """Erase a relation: value slots of the neurons shared by its facts become zero or the [UNK] vector."""
@@ -439,9 +455,9 @@ def erase_relation(handle, neuron_sets: Iterable, min_facts: int | None = 5, top
     _check_editable(handle)
     fill = None
     if mode == "unk":
-        unk = getattr(handle.tokenizer, "unk_token_id", None)
+        unk, why = unknown_token(handle.tokenizer)
         if unk is None:
-            warnings.warn("the tokenizer has no unknown token: erasing with zero vectors instead", stacklevel=2)
+            warnings.warn(f"{why}: erasing with zero vectors instead", stacklevel=2)
             mode = "zero"
         else:
             U = handle.arch.unembedding()
