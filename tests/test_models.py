@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import time
+
 import pytest
 import torch
 
@@ -128,10 +132,19 @@ def test_gguf_cache_is_written_once_and_atomically(tmp_path, monkeypatch):
         models._gguf_to_cache(gguf)
     root = tmp_path / "cache" / "models"
     assert list(root.iterdir()) == []  # nothing half-written survives
+    killed, writing = root / ".tmp-killed", root / ".tmp-writing"  # left by a SIGKILLed process / being written now
+    for d in (killed, writing):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"partial")
+    old = time.time() - models.STALE_TMP_SECONDS - 60
+    os.utime(killed, (old, old))
     monkeypatch.undo()
     monkeypatch.setenv("KNEURONS_CACHE", str(tmp_path / "cache"))
     d = models._gguf_to_cache(gguf)
     assert d.name == models.file_sha256(gguf)[:32] and (d / "model.safetensors").exists()
+    assert not killed.exists() and writing.exists()
+    import transformers
+    assert json.loads((d / "kneurons-cache.json").read_text())["versions"]["transformers"] == transformers.__version__
     calls = []
     monkeypatch.setattr(models, "_save_dequantized", lambda *a: calls.append(a))
     assert models._gguf_to_cache(gguf) == d and calls == []  # second time: cache hit, no dequantizing

@@ -10,7 +10,9 @@
 
 GGUF weights are dequantized once and cached as safetensors (plus config and tokenizer) under
 ``$KNEURONS_CACHE`` (default ``~/.cache/kneurons``), keyed by the SHA-256 of the GGUF file. The cache entry is
-written to a temporary directory and renamed into place, so a crash never leaves a half-written entry.
+written to a temporary directory and renamed into place, so a crash never leaves a half-written entry (temporary
+directories a killed process left behind are deleted once they are an hour old). The entry records the torch,
+transformers, gguf and kneurons versions that wrote it (``kneurons-cache.json``); they are not part of the key.
 """
 
 from __future__ import annotations
@@ -225,6 +227,7 @@ def _gguf_to_cache(path: Path) -> Path:
     if (final / "kneurons-cache.json").exists():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(final.parent)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
     with _quiet():
@@ -241,7 +244,8 @@ def _gguf_to_cache(path: Path) -> Path:
     try:
         _save_dequantized(model, tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "kneurons-cache.json").write_text(json.dumps({"gguf": path.name, "sha256": key, "created": time.time()}))
+        (tmp / "kneurons-cache.json").write_text(json.dumps({"gguf": path.name, "sha256": key, "created": time.time(),
+                                                             "versions": _library_versions()}))
         try:
             os.replace(tmp, final)
         except OSError:  # another process won the race: use its entry
@@ -251,6 +255,32 @@ def _gguf_to_cache(path: Path) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+STALE_TMP_SECONDS = 3600
+
+
+def _remove_stale_temporaries(directory: Path) -> None:
+    """Delete half-written cache entries (``.tmp-*``) left by a process killed while dequantizing; entries younger
+    than an hour are left alone (another process may be writing one now)."""
+    for tmp in directory.glob(".tmp-*"):
+        try:
+            if tmp.is_dir() and time.time() - tmp.stat().st_mtime > STALE_TMP_SECONDS:
+                shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def _library_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"torch": torch.__version__}
+    for name in ("transformers", "gguf", "kneurons"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
 
 
 def _save_dequantized(model, directory: Path) -> None:
