@@ -109,6 +109,59 @@ def test_hub_id_from_local_hf_cache(monkeypatch, tmp_path, saved):
     assert h.model_type == "gpt2" and h.name == "tiny-org/tiny-gpt2"
 
 
+def _fake_hub(monkeypatch, snapshots, reachable, repo_files=()):
+    """huggingface_hub stand-ins: cached snapshot (or None), hub reachability, the repository's file list; records
+    what a download asked for."""
+    import huggingface_hub
+
+    calls = []
+
+    def snapshot_download(repo_id, local_files_only=False, allow_patterns=None, **kw):
+        calls.append({"local_files_only": local_files_only, "allow_patterns": allow_patterns})
+        got = snapshots.pop(0)
+        if got is None:
+            raise FileNotFoundError("not cached")
+        return str(got)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo_id, **kw: list(repo_files))
+    monkeypatch.setattr(models, "hub_reachable", lambda timeout=3.0: reachable)
+    return calls
+
+
+def test_partly_cached_hub_model(monkeypatch, saved, tmp_path):
+    """A snapshot without its weights (an interrupted download) is not loaded: offline it is a one-line error naming
+    what is missing; online it is downloaded again (safetensors only, when the repository has them)."""
+    d, m = saved("gpt2", "causal")
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    for f in d.iterdir():
+        if not f.name.endswith(".safetensors"):
+            (partial / f.name).write_bytes(f.read_bytes())
+    _fake_hub(monkeypatch, [partial], reachable=False)
+    with pytest.raises(KneuronsError, match=r"only partly in the Hugging Face cache \(missing model weights"):
+        load_model("tiny-org/tiny-gpt2")
+    calls = _fake_hub(monkeypatch, [partial, d], reachable=True,
+                      repo_files=["config.json", "model.safetensors", "pytorch_model.bin", "tokenizer.json"])
+    h = load_model("tiny-org/tiny-gpt2")
+    assert h.model_type == "gpt2" and calls[0]["local_files_only"] and not calls[1]["local_files_only"]
+    patterns = calls[1]["allow_patterns"]
+    assert "*.safetensors" in patterns and "*.bin" not in patterns and "config.json" in patterns
+    _fake_hub(monkeypatch, [None, d], reachable=True, repo_files=["config.json", "pytorch_model.bin"])
+    assert models._download_patterns("x")[-2:] == ["*.bin", "*.bin.index.json"]
+
+
+def test_missing_shards_are_named(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    index = {"weight_map": {"a.weight": "model-00001-of-00002.safetensors", "b.weight": "model-00002-of-00002.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    (tmp_path / "model-00001-of-00002.safetensors").write_bytes(b"")
+    assert models._missing_files(tmp_path) == ["model-00002-of-00002.safetensors"]
+    (tmp_path / "model-00002-of-00002.safetensors").write_bytes(b"")
+    assert models._missing_files(tmp_path) == []
+    assert models._missing_files(tmp_path / "nothing") == ["config.json"]
+
+
 def test_unknown_embedded_package(monkeypatch):
     monkeypatch.setitem(models.EMBEDDED, "nothing-here", {"package": "kneurons_no_such_pkg", "pip": "pip install x",
                                                           "file": "x.gguf"})

@@ -358,6 +358,35 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def _missing_files(directory: Path) -> list[str]:
+    """What a model directory lacks to be loaded: its config, or weights (every shard a weight index names)."""
+    directory = Path(directory)
+    if not (directory / "config.json").exists():
+        return ["config.json"]
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = directory / index_name
+        if index.exists():
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (ValueError, KeyError, TypeError):
+                return [f"{index_name} (unreadable)"]
+            return [f for f in shards if not (directory / f).exists()]
+    if any(directory.glob("*.safetensors")) or any(directory.glob("*.bin")):
+        return []
+    return ["model weights (*.safetensors or *.bin)"]
+
+
+def _download_patterns(repo_id: str) -> list[str]:
+    """Files to download: config, tokenizer and one weight format (safetensors when the repository has it)."""
+    from huggingface_hub import list_repo_files
+
+    files = list_repo_files(repo_id)
+    weights = ["*.safetensors", "*.safetensors.index.json"] if any(f.endswith(".safetensors") for f in files) \
+        else ["*.bin", "*.bin.index.json"]
+    return ["config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "vocab.*", "merges.txt",
+            "*.model", "added_tokens.json"] + weights
+
+
 def _load_hub(repo_id: str, dtype, device, device_map, arch_overrides, fallback) -> ModelHandle:
     from huggingface_hub import snapshot_download
 
@@ -366,17 +395,24 @@ def _load_hub(repo_id: str, dtype, device, device_map, arch_overrides, fallback)
             local = snapshot_download(repo_id, local_files_only=True)
     except Exception:
         local = None
-    if local is None:
+    missing = _missing_files(Path(local)) if local is not None else []
+    if local is None or missing:
         if not hub_reachable():
+            if missing:
+                raise KneuronsError(f"model {repo_id!r} is only partly in the Hugging Face cache (missing "
+                                    f"{', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}), and the hub "
+                                    "cannot be reached")
             raise KneuronsError(
                 f"model {repo_id!r} is not a local path, not an embedded model ({', '.join(EMBEDDED)}), not in the "
                 "Hugging Face cache, and the hub cannot be reached")
         try:
             with _quiet():
-                local = snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model",
-                                                                  "tokenizer*", "*.bin"])
+                local = snapshot_download(repo_id, allow_patterns=_download_patterns(repo_id))
         except Exception as exc:
             raise KneuronsError(f"cannot download model {repo_id!r}: {type(exc).__name__}")
+        missing = _missing_files(Path(local))
+        if missing:
+            raise KneuronsError(f"model {repo_id!r}: the download lacks {', '.join(missing[:3])}")
     return _load_dir(Path(local), repo_id, dtype, device, device_map, arch_overrides, fallback, source=repo_id)
 
 
