@@ -238,24 +238,26 @@ def test_gradient_space_vector_raises_the_logit_to_first_order(model_type):
         target_vector(h, target, prompt, space="sideways")
 
 
-@pytest.mark.parametrize("model_type", ["bert", "gpt2", "llama", "gemma2"])
+@pytest.mark.parametrize("model_type", ["bert", "electra", "gpt2", "llama", "gemma2"])
 def test_head_space_vector_is_what_the_head_maps_to_the_target(model_type):
-    """space="head": a unit vector u such that the model's own head, fed norm·u as the last block's output (BERT:
-    through its MLM-head transform; Gemma-2: through final soft-capping), gives the target a higher log-probability
-    than the unembedding row it starts from and than 20 random directions; one joint search for two targets equals
-    two separate ones."""
+    """space="head": the model's own head, fed norm·u as the last block's output at the blank (BERT: through its
+    MLM-head transform; ELECTRA: through its narrower generator head; Gemma-2: through final soft-capping), ranks
+    the target first, and gives it at least the log-probability of the unembedding row the search starts from and
+    of 20 random directions; one joint search for two targets equals two separate ones."""
     from kneurons.interventions import _blank_norm, _head_directions, target_vector
     from kneurons.prompts import encode
 
     h = handle_for(model_type, dtype=torch.float64)
     prompt = "the capital of [MASK] is paris ." if h.is_masked else "the capital of france is ___ ."
-    target, other = ("france", "italy") if h.is_masked else ("paris", "berlin")
-    enc = encode(h, prompt, target)
-    u = target_vector(h, target, prompt, space="head")
-    assert float(u.norm()) == pytest.approx(1.0, abs=1e-9)
-    norm = _blank_norm(h, prompt, target)
+    pairs = [("france", "italy"), ("paris", "berlin")] if h.is_masked else [("paris", "berlin"), ("rome", "madrid")]
+    enc = encode(h, prompt, pairs[0][0])
+    norm = _blank_norm(h, prompt, pairs[0][0])
+    if model_type == "bert":  # BERT has no final norm: the last block's output is the last hidden state
+        with torch.no_grad():
+            hs = h.model(input_ids=torch.tensor([enc.input_ids]), output_hidden_states=True).hidden_states[-1]
+        assert norm == pytest.approx(float(hs[0, enc.blank].norm()), rel=1e-12)
 
-    def logprob(vec):  # the target's log-probability at the blank with the last block's output there = norm·vec
+    def head_logprobs(vec):  # log-probabilities at the blank with the last block's output there = norm·vec
         def hook(mod, args, out):
             hs = (out[0] if isinstance(out, tuple) else out).clone()
             hs[0, enc.blank] = norm * vec / vec.norm()
@@ -264,31 +266,68 @@ def test_head_space_vector_is_what_the_head_maps_to_the_target(model_type):
         try:
             with torch.no_grad():
                 logits = h.model(input_ids=torch.tensor([enc.input_ids])).logits[0, enc.score_positions[0]]
-            return float(torch.log_softmax(logits, -1)[enc.target_ids[0]])
+            return torch.log_softmax(logits, -1)
         finally:
             hd.remove()
 
-    row = h.arch.unembedding()[enc.target_ids[0]].detach().double()
     gen = torch.Generator().manual_seed(0)
-    best_random = max(logprob(torch.randn(u.shape[0], generator=gen, dtype=torch.float64)) for _ in range(20))
-    assert logprob(u) > max(logprob(row), best_random)
-    ids = [enc.target_ids[0], encode(h, prompt, other).target_ids[0]]
+    U = h.arch.unembedding()
+    for target in [t for pair in pairs for t in pair]:
+        tid = encode(h, prompt, target).target_ids[0]
+        u = target_vector(h, target, prompt, space="head")
+        assert u.shape == (h.arch.d_model,) and float(u.norm()) == pytest.approx(1.0, abs=1e-12)
+        lp = head_logprobs(u)
+        assert int(lp.argmax()) == tid
+        rivals = [head_logprobs(torch.randn(u.shape[0], generator=gen, dtype=torch.float64))[tid] for _ in range(20)]
+        if U.shape[1] == h.arch.d_model:
+            rivals.append(head_logprobs(U[tid].detach().double())[tid])
+        assert float(lp[tid]) >= max(map(float, rivals))
+    ids = [encode(h, prompt, t).target_ids[0] for t in pairs[0]]
     joint = _head_directions(h, ids, norm, steps=20)
     alone = torch.cat([_head_directions(h, [i], norm, steps=20) for i in ids])
     torch.testing.assert_close(joint, alone, rtol=0, atol=1e-9)
 
 
+def test_head_and_gradient_spaces_work_inside_inference_mode():
+    h = handle_for("bert")
+    before = weights_digest(h.model)
+    with torch.inference_mode():
+        for space in ("head", "gradient"):
+            with update_fact(h, [(1, 2)], "france", "italy", prompt="the capital of [MASK] is paris .", space=space):
+                pass
+    assert weights_digest(h.model) == before
+
+
+def test_head_space_refuses_unpadded_hidden_states():
+    """A last block whose output is not [batch, positions, width] (unpadded attention) is a one-line error."""
+    h = handle_for("llama")
+    flatten = h.arch.layers[-1].register_forward_hook(
+        lambda mod, args, out: (out[0] if isinstance(out, tuple) else out).flatten(0, 1))
+    try:
+        with pytest.raises(KneuronsError, match=r"not \[batch, positions, width\]"):
+            update_fact(h, [(0, 1)], "paris", "berlin", prompt=PROMPT, space="head")
+    finally:
+        flatten.remove()
+
+
 def test_electra_updates_only_in_head_space():
     """ELECTRA's generator head projects to a narrower embedding: the paper's e (an unembedding row) is not in the
-    residual stream and the update is refused; the head space's vectors are, and its edit reverts bit-exactly."""
-    h = handle_for("electra")
+    residual stream and the update is refused; the head space's vectors are (model width), the slots change by the
+    paper's rule with them, and the edit reverts bit-exactly."""
+    from kneurons.interventions import target_vectors
+
+    h = handle_for("electra", dtype=torch.float64)
     prompt = "the capital of [MASK] is paris ."
     before = weights_digest(h.model)
     with pytest.raises(KneuronsError, match="not in the model width"):
         update_fact(h, [(0, 3), (1, 5)], "france", "italy", prompt=prompt)
-    slots = h.arch.value_slots(1)[5].clone()
-    with update_fact(h, [(0, 3), (1, 5)], "france", "italy", prompt=prompt, space="head"):
-        assert not torch.equal(h.arch.value_slots(1)[5], slots)
+    e_old, e_new = target_vectors(h, ["france", "italy"], prompt, "head")
+    assert e_old.shape == e_new.shape == (h.arch.d_model,)
+    slots = {n: h.arch.value_slots(n[0])[n[1]].clone() for n in [(0, 3), (1, 5)]}
+    with update_fact(h, list(slots), "france", "italy", prompt=prompt, space="head", lambda1=1.0, lambda2=8.0):
+        for (l, i), v in slots.items():
+            want = v + v.norm() * (8.0 * e_new / e_new.norm() - e_old / e_old.norm())
+            torch.testing.assert_close(h.arch.value_slots(l)[i], want, rtol=1e-12, atol=1e-12)
     assert weights_digest(h.model) == before
 
 
@@ -327,3 +366,19 @@ def test_erase_with_unk_needs_a_real_unknown_token(specials, genuine):
         with edit:
             assert edit.info["mode"] == "zero" and not h.arch.value_slots(0)[1].any()
     assert weights_digest(h.model) == before
+
+
+def test_update_with_precomputed_vectors():
+    """vectors=(e_old, e_new) from target_vectors gives the same edit as computing them inside; wrong shapes are a
+    one-line error."""
+    from kneurons.interventions import target_vectors
+
+    h = handle_for("llama")
+    vecs = target_vectors(h, ["paris", "berlin"], PROMPT, "head")
+    with update_fact(h, [(0, 4), (1, 2)], "paris", "berlin", prompt=PROMPT, space="head"):
+        inside = [h.arch.value_slots(l)[i].clone() for l, i in [(0, 4), (1, 2)]]
+    with update_fact(h, [(0, 4), (1, 2)], "paris", "berlin", prompt=PROMPT, space="head", vectors=vecs):
+        given = [h.arch.value_slots(l)[i].clone() for l, i in [(0, 4), (1, 2)]]
+    assert all(torch.equal(a, b) for a, b in zip(inside, given))
+    with pytest.raises(KneuronsError, match="model width"):
+        update_fact(h, [(0, 4)], "paris", "berlin", prompt=PROMPT, vectors=(vecs[0][:3], vecs[1]))

@@ -15,7 +15,7 @@ suppress, random  Δp/p     +0.0%                +0.1%                |.| <= 1%,
 suppress, controls Δp/p    -7.3%                -2.1%                fact drop >= 2.5x the controls' mean drop
 amplify x2, fact Δp/p      +7.8%                +6.5%                >= +4%, and >= 10x random
 amplify x2, random Δp/p    -0.1%                -0.2%
-update success@1           95% (random 8%)      7%; 78% head space   causal: >= 60%, random <= 30%; masked: see
+update success@1           95% (random 8%)      7%; 81% head space   causal: >= 60%, random <= 30%; masked: see
                                                 (random 4%)          test_updating_facts_masked_needs_the_head_space
 erase (top-20), ppl        +53% vs +8% others   +48% vs +6% others   erased relation >= 3x other relations
 =========================  ===================  ===================  ========================================
@@ -154,7 +154,7 @@ def test_updating_facts_masked_needs_the_head_space(masked):
     """The paper's rule (t's unembedding row) barely updates the tiny BERT, whose MLM head transforms the
     residual (dense + GELU + LayerNorm) before the tied embeddings; ``space="head"`` (the residual direction that
     head maps to the target) makes t' the top-1 answer for a clear majority. Measured (56 known facts, seed 0):
-    7 % vs 78 % success@1, random neurons 4 %; worlds/models of seeds 1 and 2: 67 % and 54 % (paper rule 4 %, 1 %).
+    7 % vs 81 % success@1, random neurons 4 %; worlds/models of seeds 1 and 2: 69 % and 58 % (paper rule 4 %, 1 %).
     Failures are mostly facts whose neurons write little at the blank (sum of activation x slot norm)."""
     world, h, located = masked
     digest = weights_digest(h.model)
@@ -169,7 +169,7 @@ def test_updating_facts_masked_needs_the_head_space(masked):
     assert weights_digest(h.model) == digest
     e, g, z = statistics.mean(emb), statistics.mean(head), statistics.mean(rnd)
     print(f"masked: update success@1 embedding space {e:.2f}, head space {g:.2f}, random (head) {z:.2f}")
-    assert g >= 0.55 and g >= 4 * max(e, 0.02) and z <= 0.15
+    assert g >= 0.6 and g >= 4 * max(e, 0.02) and z <= 0.15
 
 
 @pytest.mark.parametrize("kind", ["causal", "masked"])

@@ -20,12 +20,13 @@ tokens' unembedding rows (tokenized in the context of the fact's prompt).
 
 ``space="head"`` (an option, not the paper's rule) uses the residual-stream direction that the model's own output
 head — everything between the last block and the logits: final norm, BERT's MLM-head transform (dense + GELU +
-LayerNorm), soft-capping, projections — maps to the target most confidently: the unit vector ``u`` maximising
-``log p(t | head(n·u))``, with ``n`` the norm of the last block's output at the fact's blank, found by gradient
-ascent (Adam, 100 steps) from the unembedding row. Like the paper's ``e`` it depends on the target (and ``n``) only;
-for a head that is a norm and a bare unembedding it stays close to that row; where the head transforms the residual
-first (BERT-type models) the unembedding row is not a direction the value slots can write the target with, and
-this is. A multi-token target uses the mean of its tokens' directions.
+LayerNorm), soft-capping, projections — maps to the target most confidently: the unit vector ``u`` maximising ``log
+p(t | head(n·u))``, with ``n`` the norm of the last block's output at the fact's blank, found by gradient ascent
+(Adam, 100 steps) from the unembedding row (from a seeded random vector where the rows are not in the model width).
+Like the paper's ``e`` it depends on the target (and ``n``) only; for a head that is a norm and a bare unembedding
+it stays close to that row; where the head transforms the residual first (BERT-type models) the unembedding row is
+not a direction the value slots can write the target with, and this is. A multi-token target uses the mean of its
+tokens' directions.
 
 ``space="gradient"`` (an option) uses the local direction ``e = ∂ logit_t / ∂ h`` at the blank of the fact's prompt,
 where ``h`` is the last block's output (first target token only).
@@ -38,6 +39,7 @@ such as ``<|endoftext|>``, see :func:`unknown_token` — get zero, with a warnin
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import numbers
@@ -270,11 +272,30 @@ def _check_editable(handle) -> None:
 
 
 SPACES = ("embedding", "head", "gradient")
-HEAD_STEPS = 100  # Adam steps (lr 0.05) of the space="head" search
+HEAD_STEPS = 100  # Adam steps of the space="head" search
+HEAD_LR = 0.4  # its step per coordinate is HEAD_LR / sqrt(d_model): about the same angle at any model width
 
 
 def _last_block(handle):
     return handle.arch.layers[handle.n_layers - 1]
+
+
+def _block_states(out) -> torch.Tensor:
+    """The hidden states in a block's output, checked to be ``[batch, positions, width]``."""
+    h = out[0] if isinstance(out, tuple) else out
+    if not isinstance(h, torch.Tensor) or h.dim() != 3:
+        shape = tuple(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__
+        raise KneuronsError(f"the last block's output is {shape}, not [batch, positions, width] (unpadded attention "
+                            "implementations are not supported here; load the model with attn_implementation='eager' "
+                            "or 'sdpa')")
+    return h
+
+
+@contextlib.contextmanager
+def _gradients_on():
+    """Autograd on, even inside ``torch.inference_mode()`` or ``torch.no_grad()``."""
+    with torch.inference_mode(False), torch.enable_grad():
+        yield
 
 
 def _logit_gradient(handle, target: str, prompt: str) -> torch.Tensor:
@@ -283,14 +304,13 @@ def _logit_gradient(handle, target: str, prompt: str) -> torch.Tensor:
     grabbed = {}
 
     def hook(mod, args, out):
-        h = out[0] if isinstance(out, tuple) else out
-        leaf = h.detach().requires_grad_(True)
+        leaf = _block_states(out).detach().requires_grad_(True)
         grabbed["h"] = leaf
         return (leaf,) + tuple(out[1:]) if isinstance(out, tuple) else leaf
 
     handle_ = _last_block(handle).register_forward_hook(hook)
     try:
-        with torch.enable_grad():
+        with _gradients_on():
             out = handle.model(input_ids=torch.tensor([enc.input_ids], device=handle.device))
             logit = out.logits[0, enc.score_positions[0], enc.target_ids[0]]
             (g,) = torch.autograd.grad(logit, grabbed["h"])
@@ -299,13 +319,14 @@ def _logit_gradient(handle, target: str, prompt: str) -> torch.Tensor:
     return g[0, enc.blank].detach().double()
 
 
-def _head_directions(handle, token_ids: Sequence[int], norm: float, steps: int = HEAD_STEPS,
-                     lr: float = 0.05) -> torch.Tensor:
+def _head_directions(handle, token_ids: Sequence[int], norm: float, steps: int = HEAD_STEPS) -> torch.Tensor:
     """Per token, the unit residual vector ``u`` maximising log p(token | head(norm · u)) (module docstring).
 
     The head is the model's own: one-token inputs (one row per token) are run with the last block's output
     replaced by ``norm · u``, so whatever follows the last block (norms, transforms, soft-capping) is what the
-    search sees. Rows are independent (the loss is their sum and Adam acts elementwise).
+    search sees. ``u`` starts at the token's unembedding row (a seeded random vector where the rows are not in the
+    model width, e.g. ELECTRA), is renormalised after every Adam step, and the best point seen (the start
+    included) is returned. Rows are independent (the loss is their sum and Adam acts elementwise).
     """
     U = handle.arch.unembedding()
     d = handle.arch.d_model
@@ -316,28 +337,37 @@ def _head_directions(handle, token_ids: Sequence[int], norm: float, steps: int =
             start = torch.randn(d, generator=torch.Generator().manual_seed(int(t)))
         starts.append(start / start.norm())
     dtype = torch.promote_types(U.dtype, torch.float32)  # float64 models search in float64
-    u = torch.stack(starts).to(handle.device, dtype).requires_grad_(True)
-    ids = torch.tensor(list(token_ids), device=handle.device)
 
     def hook(mod, args, out):
-        h = out[0] if isinstance(out, tuple) else out
-        x = (norm * u / u.norm(dim=-1, keepdim=True)).to(h.dtype)[:, None, :].expand_as(h)
+        h = _block_states(out)
+        x = (norm * u).to(h.device, h.dtype)[:, None, :].expand_as(h)
         return (x,) + tuple(out[1:]) if isinstance(out, tuple) else x
 
-    opt = torch.optim.Adam([u], lr=lr)
     hook_ = _last_block(handle).register_forward_hook(hook)
     try:
-        with torch.enable_grad():
-            for _ in range(steps):
-                logits = handle.model(input_ids=ids[:, None]).logits[:, -1].float()
-                loss = -torch.log_softmax(logits, -1).gather(1, ids[:, None]).sum()
+        with _gradients_on():  # tensors made here, so that none is an inference-mode tensor
+            rows = torch.arange(len(token_ids), device=handle.device)
+            ids = torch.tensor(list(token_ids), device=handle.device)
+            u = torch.stack(starts).to(handle.device, dtype).requires_grad_(True)
+            best, best_loss = u.detach().clone(), torch.full((len(ids),), math.inf, dtype=dtype, device=handle.device)
+            opt = torch.optim.Adam([u], lr=HEAD_LR / math.sqrt(d))
+            for step in range(steps + 1):
+                logits = handle.model(input_ids=ids[:, None]).logits[:, -1]
+                loss = -torch.log_softmax(logits.to(dtype), -1)[rows, ids]
+                better = loss.detach() < best_loss
+                best[better] = u.detach()[better]
+                best_loss = torch.where(better, loss.detach(), best_loss)
+                if step == steps:
+                    break
                 opt.zero_grad()
-                loss.backward(inputs=[u])
+                loss.sum().backward(inputs=[u])
                 opt.step()
+                with torch.no_grad():
+                    u /= u.norm(dim=-1, keepdim=True)
     finally:
         hook_.remove()
-    u = u.detach().double()
-    return u / u.norm(dim=-1, keepdim=True)
+    best = best.double()
+    return best / best.norm(dim=-1, keepdim=True)
 
 
 def _blank_norm(handle, prompt: str, target: str) -> float:
@@ -346,7 +376,7 @@ def _blank_norm(handle, prompt: str, target: str) -> float:
     grabbed = {}
 
     def hook(mod, args, out):
-        grabbed["h"] = (out[0] if isinstance(out, tuple) else out)[0, enc.blank].detach()
+        grabbed["h"] = _block_states(out)[0, enc.blank].detach()
 
     hook_ = _last_block(handle).register_forward_hook(hook)
     try:
@@ -361,10 +391,12 @@ def target_vector(handle, target: str, prompt: str | None = None, space: str = "
     """The target's vector: its tokens' mean unembedding row (``space="embedding"``, the paper's), the residual
     direction the output head maps to it (``space="head"``), or the residual-stream gradient of its logit at
     ``prompt`` (``space="gradient"``); see the module docstring."""
-    return _target_vectors(handle, [target], prompt, space)[0]
+    return target_vectors(handle, [target], prompt, space)[0]
 
 
-def _target_vectors(handle, targets: Sequence[str], prompt: str | None, space: str) -> list[torch.Tensor]:
+def target_vectors(handle, targets: Sequence[str], prompt: str | None = None,
+                   space: str = "embedding") -> list[torch.Tensor]:
+    """:func:`target_vector` for several targets (``space="head"``: one search for all of them)."""
     if space not in SPACES:
         raise KneuronsError(f"space must be one of {', '.join(SPACES)}, got {space!r}")
     if space == "gradient":
@@ -390,8 +422,11 @@ def _target_vectors(handle, targets: Sequence[str], prompt: str | None, space: s
 
 
 def update_fact(handle, neurons, old_target: str, new_target: str, prompt: str | None = None,
-                lambda1: float = 1.0, lambda2: float = 8.0, space: str = "embedding") -> Edit:
-    """Rewrite ⟨h, r, old⟩ → ⟨h, r, new⟩ in the value slots of ``neurons`` (see module docstring)."""
+                lambda1: float = 1.0, lambda2: float = 8.0, space: str = "embedding", vectors=None) -> Edit:
+    """Rewrite ⟨h, r, old⟩ → ⟨h, r, new⟩ in the value slots of ``neurons`` (see module docstring).
+
+    ``vectors``: the targets' vectors ``(e_old, e_new)`` from :func:`target_vectors` (same ``space``), to reuse
+    one computation for several neuron sets of the same fact; computed here when not given."""
     nrns = _neurons(handle, neurons)
     if old_target.strip() == new_target.strip():
         raise KneuronsError(f"the new target equals the old one ({old_target!r})")
@@ -401,10 +436,17 @@ def update_fact(handle, neurons, old_target: str, new_target: str, prompt: str |
     _check_editable(handle)
     if prompt is None and hasattr(neurons, "prompts") and neurons.prompts:
         prompt = neurons.prompts[0]
-    e_old, e_new = _target_vectors(handle, [old_target, new_target], prompt, space)
+    if vectors is None:
+        e_old, e_new = target_vectors(handle, [old_target, new_target], prompt, space)
+    else:
+        e_old, e_new = (torch.as_tensor(v).double() for v in vectors)
+        if e_old.shape != (handle.arch.d_model,) or e_new.shape != (handle.arch.d_model,):
+            raise KneuronsError(f"vectors must be two vectors of the model width ({handle.arch.d_model}), got "
+                                f"{tuple(e_old.shape)} and {tuple(e_new.shape)}")
     for vec, name in ((e_old, old_target), (e_new, new_target)):
         if not torch.isfinite(vec).all() or float(vec.norm()) == 0:
-            raise KneuronsError(f"target {name!r} has a zero or non-finite output embedding; cannot scale by it")
+            raise KneuronsError(f"target {name!r} has a zero or non-finite target vector ({space} space); cannot "
+                                "scale by it")
     edit = Edit(handle, "update", nrns, {"old": old_target, "new": new_target, "lambda1": lambda1,
                                           "lambda2": lambda2, "space": space})
     with torch.no_grad():

@@ -22,7 +22,7 @@ import time
 from typing import Iterable
 
 from ..errors import KneuronsError
-from ..interventions import update_fact
+from ..interventions import target_vectors, update_fact
 from ..neurons import locate, random_neurons
 from ..prompts import assess
 from .common import mean, stable_seed
@@ -80,9 +80,10 @@ def edit_case(handle, case, steps: int = 20, threshold: float = 0.2, p: float = 
     if control:
         sets["random"] = random_neurons(handle, kn, seed=stable_seed(seed, "edit", case.case_id)).neurons
     rows = []
+    vectors = target_vectors(handle, [case.target_true, case.target_new], fact_prompts[0], space)  # once per case
     for method, neurons in sets.items():
         with update_fact(handle, neurons, case.target_true, case.target_new, prompt=fact_prompts[0],
-                         lambda1=lambda1, lambda2=lambda2, space=space):
+                         lambda1=lambda1, lambda2=lambda2, space=space, vectors=vectors):
             after = _scores(handle, case, clozes, batch_size)
         rows.append({**base, "method": method, "n_neurons": len(neurons), "locate_seconds": seconds,
                      "reliability_before": mean(a.rank == 1 for a in before.get("rel", [])),

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 
-from ..interventions import update_fact
+from ..interventions import target_vectors, update_fact
 from ..prompts import assess
 from .common import FactItem, mean
 
@@ -52,11 +52,14 @@ def update_experiment(handle, item: FactItem, new_target: str, neuron_sets: dict
     ``(prompt, gold)`` pairs for the perplexities."""
     before = _snapshot(handle, item, new_target, intra, inter, batch_size)
     rows = []
+    vectors = None  # the targets' vectors, computed once for all methods (space="head" runs a search)
     for method, neurons in neuron_sets.items():
         if not neurons:
             continue
+        if vectors is None:
+            vectors = target_vectors(handle, [item.object, new_target], item.prompts[0], space)
         with update_fact(handle, neurons, item.object, new_target, prompt=item.prompts[0], lambda1=lambda1,
-                         lambda2=lambda2, space=space):
+                         lambda2=lambda2, space=space, vectors=vectors):
             after = _snapshot(handle, item, new_target, intra, inter, batch_size)
         row = {"method": method, "old": item.object, "new": new_target, "n_neurons": len(neurons),
                "n_intra": len(intra), "n_inter": len(inter)}
