@@ -390,20 +390,28 @@ def summary(run_dir) -> dict:
     return compute_summary(load_run(run_dir))
 
 
-def _fmt(v, unit: str) -> str:
+def format_value(v, unit: str = "num") -> str:
+    """One number as text (ASCII; the HTML report swaps in typographic minus signs). ``unit``: fraction (signed %,
+    scientific notation for huge changes of a broken model), fraction_range, share (%), count, int, ppl (a
+    perplexity), perplexity (a signed change of one), activation, num. ``None`` → ``n/a``."""
     if v is None:
         return "n/a"
     if unit == "fraction_range":
-        return f"{v[0] * 100:+.1f}% .. {v[1] * 100:+.1f}%"
+        return f"{format_value(v[0], 'fraction')} .. {format_value(v[1], 'fraction')}"
+    v = float(v)
     if unit == "fraction":
-        return f"{v * 100:+.2f}%"
+        return f"{v * 100:+.3g}%" if abs(v) >= 1e4 else f"{v * 100:+.2f}%"
     if unit == "share":
         return f"{v * 100:.1f}%"
     if unit == "count":
         return f"{v:.2f}"
+    if unit == "int":
+        return f"{v:.0f}"
+    if unit == "ppl":
+        return f"{v:.3g}" if abs(v) >= 1000 else f"{v:.2f}"
     if unit == "perplexity":
-        return f"{v:+.3g}" if abs(v) >= 1e6 else f"{v:+.2f}"
-    return f"{v:.3f}"
+        return f"{v:+.3g}"
+    return f"{v:.4g}"
 
 
 def format_summary(s: dict) -> str:
@@ -413,8 +421,8 @@ def format_summary(s: dict) -> str:
             f"facts known, {s['facts']['used']} used; run {'complete' if run['complete'] else 'INCOMPLETE'}")
     rows = [("quantity", "ours", "n", "paper")]
     for r in s["compare"]:
-        rows.append((r["quantity"], _fmt(r["ours"], r["unit"]), "" if r["n"] is None else str(r["n"]),
-                     "—" if r["paper"] is None else _fmt(r["paper"], r["unit"])))
+        rows.append((r["quantity"], format_value(r["ours"], r["unit"]), "" if r["n"] is None else str(r["n"]),
+                     "—" if r["paper"] is None else format_value(r["paper"], r["unit"])))
     w = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = [head] + ["  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(r)) for r in rows]
     return "\n".join(lines)

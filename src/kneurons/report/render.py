@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..errors import KneuronsError
 from .figures import Figure, make_figures
-from .numbers import BAGS, METHODS, OPS, compute_summary, load_run
+from .numbers import BAGS, METHODS, OPS, compute_summary, format_value, load_run
 
 REPORT = "report.html"
 SUMMARY = "summary.json"
@@ -44,27 +44,11 @@ def esc(x) -> str:
 
 
 def fmt(v, kind: str = "num") -> str:
-    """``kind``: fraction (signed %), share (%), count, ppl, dppl (signed), act, int, num."""
+    """:func:`~kneurons.report.numbers.format_value` with typographic minus signs; ``kind`` as there (``dppl`` and
+    ``act`` are its ``perplexity`` and ``activation``)."""
     if v is None:
         return NA
-    if kind == "fraction_range":
-        return f"{fmt(v[0], 'fraction')} .. {fmt(v[1], 'fraction')}"
-    v = float(v)
-    if kind == "fraction":  # huge changes (a broken model) in scientific notation, so that tables stay readable
-        return (f"{v * 100:+.3g}%" if abs(v) >= 1e4 else f"{v * 100:+.2f}%").replace("-", "−")
-    if kind == "share":
-        return f"{v * 100:.1f}%"
-    if kind == "count":
-        return f"{v:.2f}"
-    if kind == "int":
-        return f"{v:.0f}"
-    if kind == "ppl":
-        return f"{v:.3g}" if abs(v) >= 1000 else f"{v:.2f}"
-    if kind == "dppl":
-        return f"{v:+.3g}".replace("-", "−")
-    if kind == "act":
-        return f"{v:.4g}".replace("-", "−")
-    return f"{v:.4g}"
+    return format_value(v, {"dppl": "perplexity", "act": "activation"}.get(kind, kind)).replace("-", "−")
 
 
 def arrow(a, b, kind: str) -> str:
@@ -138,10 +122,8 @@ def _header(s: dict) -> str:
 def _glance(s: dict) -> str:
     rows = []
     for r in s["compare"]:
-        kind = {"fraction": "fraction", "count": "count", "activation": "act", "perplexity": "dppl",
-                "fraction_range": "fraction_range", "share": "share"}.get(r["unit"], "num")
-        rows.append([esc(r["quantity"]), fmt(r["ours"], kind), "" if r["n"] is None else esc(r["n"]),
-                     fmt(r["paper"], kind)])
+        rows.append([esc(r["quantity"]), fmt(r["ours"], r["unit"]), "" if r["n"] is None else esc(r["n"]),
+                     fmt(r["paper"], r["unit"])])
     return ("<h2>At a glance: ours beside the paper's</h2>"
             + table(["quantity", f"ours ({esc(s['run']['model'])})", "n", f"paper ({esc(s['run']['paper_model'])})"],
                     rows, paper_cols=(3,))
