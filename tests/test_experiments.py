@@ -99,6 +99,23 @@ def test_neuron_activations_are_position_means_of_the_ffn_input():
     both = neuron_activations(h, texts, neurons, batch_size=8)  # padding does not change the means
     assert torch.allclose(both, got, rtol=1e-5, atol=1e-6)
 
+    def poison_padding(mod, args):  # a model that leaves NaN at padded positions must not spoil the means
+        x = args[0].clone()
+        if x.shape[0] == 2:  # the batch of both texts: row 1 ("berlin") is 1 token, padded to the other's length
+            x[1, 1:] = float("nan")
+        return (x,)
+
+    # the last layer only: NaN written at an earlier layer reaches real positions through attention (0 · NaN)
+    hooks = [h.arch.ffn_out[h.n_layers - 1].register_forward_pre_hook(poison_padding)]
+    try:
+        for reduce in ("mean", "max"):
+            poisoned = neuron_activations(h, texts, neurons, batch_size=8, reduce=reduce)
+            assert torch.allclose(poisoned, neuron_activations(h, texts, neurons, batch_size=1, reduce=reduce),
+                                  rtol=1e-5, atol=1e-6)
+    finally:
+        for hk in hooks:
+            hk.remove()
+
 
 def test_fact_items_and_bad_options(tmp_path):
     from kneurons.data import load_facts

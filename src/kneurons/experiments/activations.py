@@ -67,7 +67,8 @@ def _position_stats(handle, texts, neurons, max_tokens: int, batch_size: int) ->
             by_layer = {}
             for l in layers:
                 a = got[l].cpu()  # [batch, positions, neurons of layer l]
-                by_layer[l] = ((a * m).sum(1) / m.sum(1) if reduce == "mean"
+                # masked, not multiplied: a model may leave NaN/inf at padded positions, and NaN * 0 is NaN
+                by_layer[l] = (a.masked_fill(m == 0, 0.0).sum(1) / m.sum(1) if reduce == "mean"
                                else a.masked_fill(m == 0, float("-inf")).amax(1))
             pos = {l: 0 for l in layers}
             cols = []
