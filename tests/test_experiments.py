@@ -346,6 +346,13 @@ def test_update_drop_shared_rule():
     assert shared_by_more_than([[(0, 1)], [(0, 2)]], 0.1) == set()  # in 1 fact only: kept
 
 
+def test_neuron_activations_of_a_text_without_tokens_are_nan():
+    h = handle_for("llama", dtype=torch.float64)
+    for reduce in ("mean", "max"):
+        got = neuron_activations(h, ["the capital of france", ""], [(0, 2), (1, 7)], reduce=reduce)
+        assert torch.isfinite(got[0]).all() and torch.isnan(got[1]).all()
+
+
 def test_neuron_activations_skip_special_tokens():
     h = handle_for("bert", dtype=torch.float64)  # its tokenizer adds [CLS] ... [SEP]
     text = "the capital of france is paris ."

@@ -343,6 +343,7 @@ def _tokenizer_with(**specials):
 @pytest.mark.parametrize("specials, genuine", [
     (dict(unk_token="[UNK]", pad_token="[PAD]"), True),                                         # BERT-style
     (dict(unk_token="<unk>", bos_token="<s>", eos_token="</s>"), True),                         # Llama/Gemma-style
+    (dict(unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<unk>"), True),      # ... padding with it
     (dict(unk_token="<|endoftext|>", bos_token="<|endoftext|>", eos_token="<|endoftext|>"), False),  # GPT-2
     (dict(unk_token="<|endoftext|>", bos_token="<|im_start|>", eos_token="<|im_end|>"), False),      # SmolLM2
     (dict(unk_token="</s>", bos_token="</s>", eos_token="</s>", pad_token="<pad>"), False),          # OPT

@@ -146,13 +146,47 @@ def test_partly_cached_hub_model(monkeypatch, saved, tmp_path):
     h = load_model("tiny-org/tiny-gpt2")
     assert h.model_type == "gpt2" and calls[0]["local_files_only"] and not calls[1]["local_files_only"]
     patterns = calls[1]["allow_patterns"]
-    assert "*.safetensors" in patterns and "*.bin" not in patterns and "config.json" in patterns
-    _fake_hub(monkeypatch, [None, d], reachable=True, repo_files=["config.json", "pytorch_model.bin"])
-    assert models._download_patterns("x")[-2:] == ["*.bin", "*.bin.index.json"]
+    assert "model.safetensors" in patterns and "config.json" in patterns and "tokenizer.json" in patterns
+    assert not any("bin" in p for p in patterns)
+    # .bin weights at the top, safetensors only in a checkpoint subfolder: the top-level model's .bin files
+    _fake_hub(monkeypatch, [], reachable=True,
+              repo_files=["config.json", "pytorch_model.bin", "checkpoint-500/model.safetensors", "vocab.txt"])
+    patterns = models._download_patterns("x")
+    assert "pytorch_model.bin" in patterns and not any("safetensors" in p for p in patterns)
+
+
+def test_stale_temporaries(tmp_path):
+    """Temporaries nothing has touched for an hour go (files and folders); a folder with a recent file, a recent
+    file and a symlink stay."""
+    old = time.time() - models.STALE_TMP_SECONDS - 60
+    (tmp_path / "outside").mkdir()
+    entries = {"m.tmp123": "file", "m.tmp7": "fresh file", ".tmp-dead": "dir", ".tmp-live": "dir with fresh file",
+               ".tmp-link": "symlink"}
+    for name, kind in entries.items():
+        p = tmp_path / name
+        if kind == "symlink":
+            p.symlink_to(tmp_path / "outside")
+            continue
+        if "dir" in kind:
+            p.mkdir()
+            (p / "model.safetensors").write_bytes(b"x")
+            if "fresh" not in kind:
+                os.utime(p / "model.safetensors", (old, old))
+            os.utime(p, (old, old))
+        else:
+            p.write_bytes(b"x")
+            if "fresh" not in kind:
+                os.utime(p, (old, old))
+    models._remove_stale_temporaries(tmp_path, "m.tmp*")
+    models._remove_stale_temporaries(tmp_path, ".tmp-*")
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == [".tmp-link", ".tmp-live", "m.tmp7", "outside"]
 
 
 def test_missing_shards_are_named(tmp_path):
     (tmp_path / "config.json").write_text("{}")
+    assert models._missing_files(tmp_path)[0] == "tokenizer files"
+    (tmp_path / "tokenizer.json").write_text("{}")
     index = {"weight_map": {"a.weight": "model-00001-of-00002.safetensors", "b.weight": "model-00002-of-00002.safetensors"}}
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     (tmp_path / "model-00001-of-00002.safetensors").write_bytes(b"")
@@ -160,6 +194,18 @@ def test_missing_shards_are_named(tmp_path):
     (tmp_path / "model-00002-of-00002.safetensors").write_bytes(b"")
     assert models._missing_files(tmp_path) == []
     assert models._missing_files(tmp_path / "nothing") == ["config.json"]
+
+
+def test_weight_files_judged_as_transformers_loads_them(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "tokenizer.json").write_text("{}")
+    (tmp_path / "training_args.bin").write_bytes(b"")  # not weights
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"")
+    assert models._missing_files(tmp_path)[0].startswith("model weights")
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {"w": "pytorch_model-1.bin"}}))
+    assert models._missing_files(tmp_path) == ["pytorch_model-1.bin"]
+    (tmp_path / "model.safetensors").write_bytes(b"")  # preferred by transformers over any index
+    assert models._missing_files(tmp_path) == []
 
 
 def test_unknown_embedded_package(monkeypatch):
@@ -190,7 +236,8 @@ def test_gguf_cache_is_written_once_and_atomically(tmp_path, monkeypatch):
         d.mkdir()
         (d / "model.safetensors").write_bytes(b"partial")
     old = time.time() - models.STALE_TMP_SECONDS - 60
-    os.utime(killed, (old, old))
+    for f in (killed / "model.safetensors", killed):
+        os.utime(f, (old, old))
     monkeypatch.undo()
     monkeypatch.setenv("KNEURONS_CACHE", str(tmp_path / "cache"))
     d = models._gguf_to_cache(gguf)

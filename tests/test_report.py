@@ -403,3 +403,15 @@ def test_failure_leaves_previous_report(fake_run, tmp_path, monkeypatch):
         write_report(fake_run, tmp_path / "new")
     assert not (tmp_path / "new").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rep"]
+
+
+def test_number_formats():
+    from kneurons.report.numbers import format_value
+    from kneurons.report.render import NA, fmt
+
+    assert [format_value(v, u) for v, u in [(-1e-7, "fraction"), (-0.0, "activation"), (-0.001, "count"),
+                                            (999.999, "ppl"), (999.99, "ppl"), (0.5, "fraction"),
+                                            (-2e5, "fraction"), (None, "count"), ((-0.25, 1.5), "fraction_range")]] \
+        == ["+0.00%", "0", "0.00", "1e+03", "999.99", "+50.00%", "-2e+07%", "n/a", "-25.00% .. +150.00%"]
+    assert fmt(-0.25, "fraction") == "−25.00%" and fmt(-3.2e-5, "act") == "−3.2e−05"
+    assert fmt((None, 0.1), "fraction_range") == f"{NA} .. +10.00%"

@@ -478,7 +478,8 @@ def unknown_token(tokenizer) -> tuple[int | None, str]:
     name = getattr(tokenizer, "unk_token", None)
     if unk is None or name is None:
         return None, "the tokenizer has no unknown token"
-    markers = {getattr(tokenizer, f"{k}_token_id", None) for k in ("bos", "eos", "pad", "sep", "cls")}
+    # not pad: fine-tunes often pad with their real <unk>
+    markers = {getattr(tokenizer, f"{k}_token_id", None) for k in ("bos", "eos", "sep", "cls")}
     if unk in markers or "unk" not in str(name).lower():
         return None, f"the tokenizer's unknown token {name!r} is a sequence marker, not an unknown word"
     return int(unk), ""

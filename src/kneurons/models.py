@@ -193,6 +193,7 @@ def _assemble_chunks(name: str, info: dict) -> Path:
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(target.parent, f"{target.stem}.tmp*")
     tmp = target.with_suffix(f".tmp{os.getpid()}")
     try:
         pkg.assemble(output_path=tmp, overwrite=True)
@@ -227,7 +228,7 @@ def _gguf_to_cache(path: Path) -> Path:
     if (final / "kneurons-cache.json").exists():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(final.parent)
+    _remove_stale_temporaries(final.parent, ".tmp-*")
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
     with _quiet():
@@ -260,13 +261,22 @@ def _gguf_to_cache(path: Path) -> Path:
 STALE_TMP_SECONDS = 3600
 
 
-def _remove_stale_temporaries(directory: Path) -> None:
-    """Delete half-written cache entries (``.tmp-*``) left by a process killed while dequantizing; entries younger
-    than an hour are left alone (another process may be writing one now)."""
-    for tmp in directory.glob(".tmp-*"):
+def _remove_stale_temporaries(directory: Path, pattern: str) -> None:
+    """Delete temporaries (``pattern``: half-written cache entries or assembled GGUF files) left by a process killed
+    while writing them. One is stale when neither it nor any file in it has changed for an hour: a live writer
+    (another process) keeps touching its files. Symlinks are never followed."""
+    now = time.time()
+    for tmp in directory.glob(pattern):
         try:
-            if tmp.is_dir() and time.time() - tmp.stat().st_mtime > STALE_TMP_SECONDS:
+            if tmp.is_symlink():
+                continue
+            stamps = [tmp.lstat().st_mtime] + ([f.lstat().st_mtime for f in tmp.rglob("*")] if tmp.is_dir() else [])
+            if now - max(stamps) <= STALE_TMP_SECONDS:
+                continue
+            if tmp.is_dir():
                 shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink()
         except OSError:
             pass
 
@@ -358,33 +368,46 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+#: weight files in the order transformers looks for them: a single file, else an index naming shards
+WEIGHT_FILES = (("model.safetensors", None), ("model.safetensors.index.json", "index"),
+                ("pytorch_model.bin", None), ("pytorch_model.bin.index.json", "index"))
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model",
+                   "sentencepiece.bpe.model", "vocab.txt", "vocab.json")
+
+
 def _missing_files(directory: Path) -> list[str]:
-    """What a model directory lacks to be loaded: its config, or weights (every shard a weight index names)."""
+    """What a model directory lacks to be loaded: its config, a tokenizer, or weights — the first weight file
+    transformers would use, and every shard its index names."""
     directory = Path(directory)
     if not (directory / "config.json").exists():
         return ["config.json"]
-    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
-        index = directory / index_name
-        if index.exists():
-            try:
-                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (ValueError, KeyError, TypeError):
-                return [f"{index_name} (unreadable)"]
-            return [f for f in shards if not (directory / f).exists()]
-    if any(directory.glob("*.safetensors")) or any(directory.glob("*.bin")):
-        return []
-    return ["model weights (*.safetensors or *.bin)"]
+    missing = [] if any((directory / f).exists() for f in TOKENIZER_FILES) else ["tokenizer files"]
+    for name, kind in WEIGHT_FILES:
+        path = directory / name
+        if not path.exists():
+            continue
+        if kind is None:
+            return missing
+        try:
+            shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return missing + [f"{name} (unreadable)"]
+        return missing + [f for f in shards if not (directory / f).exists()]
+    return missing + ["model weights (model.safetensors, pytorch_model.bin or a sharded index)"]
 
 
 def _download_patterns(repo_id: str) -> list[str]:
-    """Files to download: config, tokenizer and one weight format (safetensors when the repository has it)."""
+    """Files to download: config, tokenizer and one weight format of the top-level model — safetensors when the
+    repository has them there (weights in subfolders, e.g. checkpoints, are not the model)."""
     from huggingface_hub import list_repo_files
 
-    files = list_repo_files(repo_id)
-    weights = ["*.safetensors", "*.safetensors.index.json"] if any(f.endswith(".safetensors") for f in files) \
-        else ["*.bin", "*.bin.index.json"]
-    return ["config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", "vocab.*", "merges.txt",
-            "*.model", "added_tokens.json"] + weights
+    top = {f for f in list_repo_files(repo_id) if "/" not in f}
+    if top & {"model.safetensors", "model.safetensors.index.json"}:
+        weights = ["model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json"]
+    else:
+        weights = ["pytorch_model.bin", "pytorch_model-*-of-*.bin", "pytorch_model.bin.index.json"]
+    return ["config.json", "generation_config.json", "special_tokens_map.json", "added_tokens.json", "merges.txt",
+            *TOKENIZER_FILES, *weights]
 
 
 def _load_hub(repo_id: str, dtype, device, device_map, arch_overrides, fallback) -> ModelHandle:

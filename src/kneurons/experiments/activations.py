@@ -68,8 +68,9 @@ def _position_stats(handle, texts, neurons, max_tokens: int, batch_size: int) ->
             for l in layers:
                 a = got[l].cpu()  # [batch, positions, neurons of layer l]
                 # masked, not multiplied: a model may leave NaN/inf at padded positions, and NaN * 0 is NaN
-                by_layer[l] = (a.masked_fill(m == 0, 0.0).sum(1) / m.sum(1) if reduce == "mean"
-                               else a.masked_fill(m == 0, float("-inf")).amax(1))
+                stat = (a.masked_fill(m == 0, 0.0).sum(1) / m.sum(1) if reduce == "mean"
+                        else a.masked_fill(m == 0, float("-inf")).amax(1))
+                by_layer[l] = stat.masked_fill(m.sum(1) == 0, float("nan"))  # a text of no tokens: NaN
             pos = {l: 0 for l in layers}
             cols = []
             for l, _ in neurons:  # back to the caller's neuron order

@@ -398,17 +398,21 @@ def format_value(v, unit: str = "num") -> str:
         return "n/a"
     if unit == "fraction_range":
         return f"{format_value(v[0], 'fraction')} .. {format_value(v[1], 'fraction')}"
-    v = float(v)
+    v = float(v) + 0.0  # no "-0"
+
+    def fixed(x: float, digits: int) -> float:  # no "-0.00" either
+        return 0.0 if abs(x) < 0.5 * 10 ** -digits else x
+
     if unit == "fraction":
-        return f"{v * 100:+.3g}%" if abs(v) >= 1e4 else f"{v * 100:+.2f}%"
+        return f"{v * 100:+.3g}%" if abs(v) >= 1e4 else f"{fixed(v * 100, 2):+.2f}%"
     if unit == "share":
-        return f"{v * 100:.1f}%"
+        return f"{fixed(v * 100, 1):.1f}%"
     if unit == "count":
-        return f"{v:.2f}"
+        return f"{fixed(v, 2):.2f}"
     if unit == "int":
-        return f"{v:.0f}"
+        return f"{fixed(v, 0):.0f}"
     if unit == "ppl":
-        return f"{v:.3g}" if abs(v) >= 1000 else f"{v:.2f}"
+        return f"{v:.3g}" if round(abs(v), 2) >= 1000 else f"{fixed(v, 2):.2f}"
     if unit == "perplexity":
         return f"{v:+.3g}"
     return f"{v:.4g}"

@@ -48,6 +48,8 @@ def fmt(v, kind: str = "num") -> str:
     ``act`` are its ``perplexity`` and ``activation``)."""
     if v is None:
         return NA
+    if kind == "fraction_range":
+        return f"{fmt(v[0], 'fraction')} .. {fmt(v[1], 'fraction')}"
     return format_value(v, {"dppl": "perplexity", "act": "activation"}.get(kind, kind)).replace("-", "−")
 
 
