@@ -405,3 +405,9 @@ def test_knowledge_neuron_edits_scored_like_other_editors(synthetic_run, tmp_pat
     assert by.loc["kn", "reliability"] >= 0.5 and by.loc["random", "reliability"] <= 0.1
     assert by.loc["kn", "generalization"] >= 0.5 and by.loc["random", "generalization"] <= 0.1
     assert by.loc["random", "locality"] >= 0.9 and by.loc["kn", "locality"] < by.loc["random", "locality"]
+    head = evaluate_edits(h, cases, space="head")  # the head-space vectors: one search per case, shared by methods
+    assert weights_digest(h.model) == digest
+    head = head[head.get("skipped").isna()] if "skipped" in head else head
+    by_head = head.groupby("method")[["reliability", "generalization"]].mean()
+    print(f"editing: paper's vectors {by.to_dict()}, head space {by_head.to_dict()}")
+    assert by_head.loc["kn", "reliability"] >= 0.5 and by_head.loc["random", "reliability"] <= 0.1
