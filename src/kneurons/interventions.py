@@ -22,7 +22,7 @@ tokens' unembedding rows (tokenized in the context of the fact's prompt).
 head — everything between the last block and the logits: final norm, BERT's MLM-head transform (dense + GELU +
 LayerNorm), soft-capping, projections — maps to the target most confidently: the unit vector ``u`` maximising ``log
 p(t | head(n·u))``, with ``n`` the norm of the last block's output at the fact's blank, found by gradient ascent
-(Adam, 100 steps) from the unembedding row (from a seeded random vector where the rows are not in the model width).
+(Adam, at most 100 steps) from the unembedding row (from a seeded random vector where the rows are not in the model width).
 Like the paper's ``e`` it depends on the target (and ``n``) only; for a head that is a norm and a bare unembedding
 it stays close to that row; where the head transforms the residual first (BERT-type models) the unembedding row is
 not a direction the value slots can write the target with, and this is. A multi-token target uses the mean of its
@@ -274,6 +274,7 @@ def _check_editable(handle) -> None:
 SPACES = ("embedding", "head", "gradient")
 HEAD_STEPS = 100  # Adam steps of the space="head" search
 HEAD_LR = 0.4  # its step per coordinate is HEAD_LR / sqrt(d_model): about the same angle at any model width
+HEAD_TOL = 1e-4  # the search stops once every token's -log p is below this (p > 0.9999)
 
 
 def _last_block(handle):
@@ -324,9 +325,10 @@ def _head_directions(handle, token_ids: Sequence[int], norm: float, steps: int =
 
     The head is the model's own: one-token inputs (one row per token) are run with the last block's output
     replaced by ``norm · u``, so whatever follows the last block (norms, transforms, soft-capping) is what the
-    search sees. ``u`` starts at the token's unembedding row (a seeded random vector where the rows are not in the
-    model width, e.g. ELECTRA), is renormalised after every Adam step, and the best point seen (the start
-    included) is returned. Rows are independent (the loss is their sum and Adam acts elementwise).
+    search sees. ``u`` starts at the token's unembedding row (a seeded random vector where the rows are not in
+    the model width, e.g. ELECTRA), is renormalised after every Adam step, and the best point seen (the start
+    included) is returned: the first point where p > 1 − ``HEAD_TOL`` (the search stops once every token has
+    one). Rows are independent (the loss is their sum, Adam acts elementwise, and a row that is done stays done).
     """
     U = handle.arch.unembedding()
     d = handle.arch.d_model
@@ -354,10 +356,10 @@ def _head_directions(handle, token_ids: Sequence[int], norm: float, steps: int =
             for step in range(steps + 1):
                 logits = handle.model(input_ids=ids[:, None]).logits[:, -1]
                 loss = -torch.log_softmax(logits.to(dtype), -1)[rows, ids]
-                better = loss.detach() < best_loss
+                better = (loss.detach() < best_loss) & (best_loss >= HEAD_TOL)  # a row that is done stays done
                 best[better] = u.detach()[better]
                 best_loss = torch.where(better, loss.detach(), best_loss)
-                if step == steps:
+                if step == steps or bool((best_loss < HEAD_TOL).all()):
                     break
                 opt.zero_grad()
                 loss.sum().backward(inputs=[u])
