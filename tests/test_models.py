@@ -146,7 +146,8 @@ def test_partly_cached_hub_model(monkeypatch, saved, tmp_path):
     h = load_model("tiny-org/tiny-gpt2")
     assert h.model_type == "gpt2" and calls[0]["local_files_only"] and not calls[1]["local_files_only"]
     patterns = calls[1]["allow_patterns"]
-    assert "model.safetensors" in patterns and "config.json" in patterns and "tokenizer.json" in patterns
+    assert "model.safetensors" in patterns and "config.json" in patterns and "tokenizer*" in patterns
+    assert "*.model" in patterns and "vocab*" in patterns
     assert not any("bin" in p for p in patterns)
     # .bin weights at the top, safetensors only in a checkpoint subfolder: the top-level model's .bin files
     _fake_hub(monkeypatch, [], reachable=True,
@@ -194,6 +195,9 @@ def test_missing_shards_are_named(tmp_path):
     (tmp_path / "model-00002-of-00002.safetensors").write_bytes(b"")
     assert models._missing_files(tmp_path) == []
     assert models._missing_files(tmp_path / "nothing") == ["config.json"]
+    (tmp_path / "tokenizer.json").unlink()
+    (tmp_path / "spm.model").write_bytes(b"")  # a SentencePiece-only tokenizer (DeBERTa-v3 style) counts
+    assert models._missing_files(tmp_path) == []
 
 
 def test_weight_files_judged_as_transformers_loads_them(tmp_path):

@@ -371,8 +371,9 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 #: weight files in the order transformers looks for them: a single file, else an index naming shards
 WEIGHT_FILES = (("model.safetensors", None), ("model.safetensors.index.json", "index"),
                 ("pytorch_model.bin", None), ("pytorch_model.bin.index.json", "index"))
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spiece.model",
-                   "sentencepiece.bpe.model", "vocab.txt", "vocab.json")
+#: tokenizer files (globs): tokenizer.json/_config.json, SentencePiece models (tokenizer.model, spiece.model,
+#: spm.model, ...), vocabularies (vocab.txt, vocab.json + merges.txt)
+TOKENIZER_FILES = ("tokenizer*", "*.model", "vocab*", "merges.txt", "*.tiktoken")
 
 
 def _missing_files(directory: Path) -> list[str]:
@@ -381,7 +382,7 @@ def _missing_files(directory: Path) -> list[str]:
     directory = Path(directory)
     if not (directory / "config.json").exists():
         return ["config.json"]
-    missing = [] if any((directory / f).exists() for f in TOKENIZER_FILES) else ["tokenizer files"]
+    missing = [] if any(any(directory.glob(g)) for g in TOKENIZER_FILES) else ["tokenizer files"]
     for name, kind in WEIGHT_FILES:
         path = directory / name
         if not path.exists():
@@ -406,7 +407,7 @@ def _download_patterns(repo_id: str) -> list[str]:
         weights = ["model.safetensors", "model-*-of-*.safetensors", "model.safetensors.index.json"]
     else:
         weights = ["pytorch_model.bin", "pytorch_model-*-of-*.bin", "pytorch_model.bin.index.json"]
-    return ["config.json", "generation_config.json", "special_tokens_map.json", "added_tokens.json", "merges.txt",
+    return ["config.json", "generation_config.json", "special_tokens_map.json", "added_tokens.json",
             *TOKENIZER_FILES, *weights]
 
 
