@@ -4,8 +4,9 @@
 
 1. On tiny float64 models of several architectures, moved to CUDA: integrated gradients equal the naive reference
    (per layer, per step, full recompute), do not depend on the batch size, and prompts sharing passes
-   (``attribute(..., batch_prompts=True)``) equal prompts run alone; suppress through the hook equals a
-   hand patch; an update reverts bit-exactly.
+   (``attribute(..., batch_prompts=True)``) equal prompts run alone; suppress through the hook changes the
+   probability; updates (paper's vectors, and head-space vectors computed on the device in float64 and bfloat16)
+   revert bit-exactly.
 2. GPT-2-small and BERT-base shapes (random weights) on CUDA: seconds per prompt, kneurons vs the naive loop.
 """
 
@@ -24,7 +25,7 @@ from tiny import tiny_model  # noqa: E402
 from kneurons import ModelHandle, integrated_gradients  # noqa: E402
 from kneurons.attribution import attribute  # noqa: E402
 from kneurons.architectures import ARCHITECTURES  # noqa: E402
-from kneurons.interventions import score, suppress, update_fact, weights_digest  # noqa: E402
+from kneurons.interventions import score, suppress, target_vectors, update_fact, weights_digest  # noqa: E402
 
 
 def handle(model_type, device, dtype=torch.float64):
@@ -54,10 +55,19 @@ def exactness(device) -> bool:
         d = weights_digest(h.model)
         if not h.is_masked:
             update_fact(h, [(0, 1)], "paris", "berlin", prompt=prompt).revert()
-        good = max(errs) <= 1e-4 and weights_digest(h.model) == d and p1 != p0
+        # head-space vectors computed on the device (and in bfloat16): finite, unit norm, the edit reverts exactly
+        pair = ("france", "italy") if h.is_masked else ("paris", "berlin")
+        head_ok = True
+        for hh in (h, handle(t, device, torch.bfloat16)):
+            dd = weights_digest(hh.model)
+            vecs = target_vectors(hh, list(pair), prompt, "head")
+            head_ok &= all(bool(torch.isfinite(v).all()) and abs(float(v.norm()) - 1) < 1e-6 for v in vecs)
+            update_fact(hh, [(0, 1)], *pair, prompt=prompt, space="head", vectors=vecs).revert()
+            head_ok &= weights_digest(hh.model) == dd
+        good = max(errs) <= 1e-4 and weights_digest(h.model) == d and p1 != p0 and head_ok
         ok &= good
         print(f"  {t:<12} rel err vs naive {max(errs):.1e}  suppress changes p: {p1 != p0}  revert exact: "
-              f"{weights_digest(h.model) == d}  {'OK' if good else 'FAIL'}")
+              f"{weights_digest(h.model) == d}  head space (fp64, bf16): {head_ok}  {'OK' if good else 'FAIL'}")
     return ok
 
 
