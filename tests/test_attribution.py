@@ -316,17 +316,33 @@ MASKED_PARAPHRASES = ["the capital of [MASK] is paris .", "[MASK] has paris as i
 NOT_BATCHED = {"gemma2", "gemma3_text", "mistral", "bloom", "falcon", "gpt_neo", "modernbert"}
 
 
+def _attention(h, impl: str) -> float:
+    """Switch the tiny model to ``impl`` attention; the tolerance of padded-vs-unpadded comparisons with it.
+    SDPA in float64 is float64 throughout (padding changes nothing beyond 1e-15). Eager attention computes its
+    softmax in float32 (transformers 5.2x), so a padded batch and a single prompt differ by float32 rounding
+    (measured up to 1.0e-7 relative on llama): 1e-6. Models that cannot switch stay eager."""
+    if impl == "sdpa":
+        try:
+            h.model.set_attn_implementation("sdpa")
+            return 1e-10
+        except (ValueError, NotImplementedError):
+            pass
+    return 1e-6
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
 @pytest.mark.parametrize("model_type", ALL_TYPES)
-def test_prompts_sharing_passes_equal_one_at_a_time(model_type):
+def test_prompts_sharing_passes_equal_one_at_a_time(model_type, impl):
     h = handle_for(model_type, dtype=torch.float64)
+    tol = _attention(h, impl)
     prompts, target = (MASKED_PARAPHRASES, "france") if h.is_masked else (CAUSAL_PARAPHRASES, "paris")
     alone = [integrated_gradients(h, p, target, steps=3) for p in prompts]
     for bs in (2, 1000):  # pieces of one layer mixing prompts / every row of every prompt in one pass
         shared = attribute(h, prompts, target, steps=3, batch_size=bs, batch_prompts=True)
         for a, b in zip(shared, alone):
             assert a.prompt == b.prompt
-            assert _rel_err(a.scores, b.scores) <= 1e-10, bs
-            assert torch.allclose(a.baseline_scores, b.baseline_scores, rtol=1e-10, atol=1e-300), bs
+            assert _rel_err(a.scores, b.scores) <= tol, bs
+            assert torch.allclose(a.baseline_scores, b.baseline_scores, rtol=tol, atol=1e-300), bs
             assert a.base_score == b.base_score
         assert shared[0].params["prompts_per_group"] == (1 if model_type in NOT_BATCHED else 3)
 

@@ -58,7 +58,8 @@ def test_blank_position_in_a_batch_of_different_lengths():
     iv = suppress(h, [(1, 5), (0, 2)])
     together = score(h, prompts, targets, iv)
     for p, t, a in zip(prompts, targets, together):
-        assert a.prob == pytest.approx(_manual(h, p, t, [(1, 5), (0, 2)], 0.0, "blank"), rel=1e-10)
+        # a padded batch vs one prompt: eager attention's float32 softmax rounds differently (~1e-8)
+        assert a.prob == pytest.approx(_manual(h, p, t, [(1, 5), (0, 2)], 0.0, "blank"), rel=1e-7)
 
 
 def test_blank_needs_kneurons_scoring():

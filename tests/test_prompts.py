@@ -86,7 +86,8 @@ def test_batched_assessing_equals_one_by_one(model_type):
     together = assess(h, prompts, targets, batch_size=8)
     alone = [assess(h, [p], [t])[0] for p, t in zip(prompts, targets)]
     for a, b in zip(together, alone):
-        assert a.prob == pytest.approx(b.prob, rel=1e-9) and a.rank == b.rank
+        # padded vs alone: eager attention computes its softmax in float32 (rounding ~1e-8 relative)
+        assert a.prob == pytest.approx(b.prob, rel=1e-7) and a.rank == b.rank
         assert [p.token_id for p in a.top] == [p.token_id for p in b.top]
     assert together[2].n_target_tokens == 2
 
@@ -105,7 +106,7 @@ def test_assess_head_on_scored_positions_equals_full_logits(model_type):
         with torch.no_grad():
             logp = torch.log_softmax(h.model(input_ids=torch.tensor([e.input_ids])).logits[0].double(), -1)
         lp = sum(float(logp[pos, tid]) for pos, tid in zip(e.score_positions, e.target_ids))
-        assert a.logprob == pytest.approx(lp, rel=1e-9, abs=1e-12)
+        assert a.logprob == pytest.approx(lp, rel=1e-7, abs=1e-12)  # padded batch: float32 softmax rounding
         first = logp[e.score_positions[0]]
         assert a.rank == int((first > first[e.target_ids[0]]).sum()) + 1
 
