@@ -1,21 +1,41 @@
-"""kneurons: knowledge neurons (Dai et al., ACL 2022) for any Hugging Face transformer."""
+"""kneurons: knowledge neurons (Dai et al., ACL 2022) for any Hugging Face transformer.
+
+The public names below are imported on first use (PEP 562), so ``import kneurons`` and the command line start
+without loading torch and transformers until they are needed.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
 
-from .errors import KneuronsError  # noqa: E402
-from .architectures import ARCHITECTURES, ArchSpec, register_architecture, resolve  # noqa: E402
-from .models import DEFAULT_MODEL, ModelHandle, load_model  # noqa: E402
-from .prompts import Assessment, assess, encode, parse_cloze  # noqa: E402
-from .attribution import Attribution, attribute, integrated_gradients  # noqa: E402
-from .neurons import (KnowledgeNeurons, activation_baseline, coarse_neurons, locate, random_neurons,  # noqa: E402
-                      refine)
-from .interventions import (Edit, Intervention, amplify, erase_relation, measure_intervention,  # noqa: E402
-                            suppress, update_fact)
+#: public name -> the submodule that defines it
+_EXPORTS = {
+    "KneuronsError": "errors",
+    "ARCHITECTURES": "architectures", "ArchSpec": "architectures", "register_architecture": "architectures",
+    "resolve": "architectures",
+    "DEFAULT_MODEL": "models", "ModelHandle": "models", "load_model": "models",
+    "Assessment": "prompts", "assess": "prompts", "encode": "prompts", "parse_cloze": "prompts",
+    "Attribution": "attribution", "attribute": "attribution", "integrated_gradients": "attribution",
+    "KnowledgeNeurons": "neurons", "activation_baseline": "neurons", "coarse_neurons": "neurons",
+    "locate": "neurons", "random_neurons": "neurons", "refine": "neurons",
+    "Edit": "interventions", "Intervention": "interventions", "amplify": "interventions",
+    "erase_relation": "interventions", "measure_intervention": "interventions", "suppress": "interventions",
+    "update_fact": "interventions",
+}
 
-__all__ = [
-    "__version__", "KneuronsError", "ARCHITECTURES", "ArchSpec", "register_architecture", "resolve",
-    "DEFAULT_MODEL", "ModelHandle", "load_model", "Assessment", "assess", "encode", "parse_cloze",
-    "Attribution", "attribute", "integrated_gradients", "KnowledgeNeurons", "activation_baseline", "coarse_neurons",
-    "locate", "random_neurons", "refine", "Edit", "Intervention", "amplify", "erase_relation",
-    "measure_intervention", "suppress", "update_fact",
-]
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'kneurons' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -6,15 +6,18 @@ Bad input ends with one line ``kneurons: error: ...`` on stderr and exit code 2.
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import signal
 import sys
+import threading
 import time
+import warnings
 from pathlib import Path
 
 from . import __version__
 from ._io import check_target
 from .errors import KneuronsError
-from .interventions import SPACES
 
 
 def _table(rows: list[dict], columns: list[str] | None = None, floatfmt: str = "{:.4f}") -> str:
@@ -134,17 +137,27 @@ def _print_located(kn, elapsed: float | None = None) -> None:
         print("layers: " + ", ".join(f"L{l}: {n}" for l, n in kn.layers().items()))
 
 
-def _neurons_for(args, handle):
-    """Neurons from ``--neurons FILE`` or located on the fly from the prompts."""
-    from .neurons import KnowledgeNeurons, locate
+def _read_neurons(args):
+    """``--neurons FILE`` read and checked before the model loads (``None`` without the option)."""
+    from .neurons import KnowledgeNeurons
 
-    if args.neurons:
-        kn = KnowledgeNeurons.load(args.neurons)
-        if kn.model.get("n_layers") not in (None, handle.n_layers) or kn.model.get("d_ff") not in (None, handle.d_ff):
-            raise KneuronsError(f"{args.neurons} was located on a model of another shape ({kn.model.get('name')})")
+    if not args.neurons:
+        if len(args.prompts) < 2:
+            raise KneuronsError("give --neurons FILE, or at least 2 paraphrase prompts to locate the neurons")
+        return None
+    kn = KnowledgeNeurons.load(args.neurons)
+    if not kn.neurons:
+        raise KneuronsError(f"{args.neurons} holds no knowledge neurons")
+    return kn
+
+
+def _neurons_for(args, handle, kn=None):
+    """Neurons from ``--neurons FILE`` (read by :func:`_read_neurons`) or located on the fly from the prompts."""
+    from .neurons import check_neurons, locate
+
+    if kn is not None:
+        check_neurons(handle, kn, Path(args.neurons).name)  # shape and ids; another model's name: a warning
         return kn
-    if len(args.prompts) < 2:
-        raise KneuronsError("give --neurons FILE, or at least 2 paraphrase prompts to locate the neurons")
     from .attribution import rows_per_prompt
 
     with _progress_bar(rows_per_prompt(handle, args.steps) * len(args.prompts), "locating") as bar:
@@ -163,8 +176,9 @@ def _controls(args) -> list[tuple[str, str, str]]:
 def cmd_intervene(args) -> int:
     from .interventions import measure_intervention
 
+    kn = _read_neurons(args)
     handle = _load(args)
-    kn = _neurons_for(args, handle)
+    kn = _neurons_for(args, handle, kn)
     prompts = args.prompts or kn.prompts
     target = args.target or kn.target
     if not prompts or not target:
@@ -185,19 +199,26 @@ def cmd_update(args) -> int:
     from .prompts import assess
 
     _check_model_dir(args.save_model)
+    kn = _read_neurons(args)
     handle = _load(args)
-    kn = _neurons_for(args, handle)
+    kn = _neurons_for(args, handle, kn)
     prompts = args.prompts or kn.prompts
     old = args.target or kn.target
+    if not prompts or not old:
+        raise KneuronsError("give the fact's prompts and --target (or a --neurons file that has them)")
     ctrl_p = [p for p, _ in (args.control or [])]
     ctrl_t = [t for _, t in (args.control or [])]
     digest = weights_digest(handle.model)
     before = {"old": assess(handle, prompts, old), "new": assess(handle, prompts, args.new),
               "ppl": perplexity(handle, ctrl_p, ctrl_t) if ctrl_p else float("nan")}
-    edit = update_fact(handle, kn, old, args.new, prompt=prompts[0], lambda1=args.lambda1, lambda2=args.lambda2,
-                       space=args.space)
-    after = {"old": assess(handle, prompts, old), "new": assess(handle, prompts, args.new),
-             "ppl": perplexity(handle, ctrl_p, ctrl_t) if ctrl_p else float("nan")}
+    with update_fact(handle, kn, old, args.new, prompt=prompts[0], lambda1=args.lambda1, lambda2=args.lambda2,
+                     space=args.space):
+        after = {"old": assess(handle, prompts, old), "new": assess(handle, prompts, args.new),
+                 "ppl": perplexity(handle, ctrl_p, ctrl_t) if ctrl_p else float("nan")}
+        if args.save_model:
+            save_edited(handle, args.save_model)
+    if weights_digest(handle.model) != digest:
+        raise KneuronsError("the edit was not reverted bit-exactly (a bug: please report it)")
     rows = [{"prompt": p, f"P({old}) before": b.prob, "after": a.prob, f"P({args.new}) before": nb.prob,
              "after ": na.prob, f"rank of {args.new}": f"{nb.rank} -> {na.rank}"}
             for p, b, a, nb, na in zip(prompts, before["old"], after["old"], before["new"], after["new"])]
@@ -207,10 +228,7 @@ def cmd_update(args) -> int:
     print(f"\nupdate {old} -> {args.new} in {len(kn)} value slots: success@1 {s1:.0%}, success@5 {s5:.0%}"
           + (f"; control perplexity {before['ppl']:.2f} -> {after['ppl']:.2f}" if ctrl_p else ""))
     if args.save_model:
-        save_edited(handle, args.save_model)
         print(f"edited model saved to {args.save_model}")
-    edit.revert()
-    assert weights_digest(handle.model) == digest
     return 0
 
 
@@ -232,14 +250,16 @@ def _relation_items(handle, rel, facts_subset=None):
 def cmd_erase(args) -> int:
     from .data import load_facts
     from .interventions import accuracy, erase_relation, perplexity, save_edited, shared_neurons
-    from .neurons import KnowledgeNeurons, locate
+    from .neurons import KnowledgeNeurons, check_neurons, locate
 
     _check_model_dir(args.save_model)
     facts = load_facts(args.facts)
     rel = facts.relation(args.relation)
+    sets = [KnowledgeNeurons.load(f) for f in args.neurons] if args.neurons else None
     handle = _load(args)
     if args.neurons:
-        sets = [KnowledgeNeurons.load(f) for f in args.neurons]
+        for f, kn in zip(args.neurons, sets):
+            check_neurons(handle, kn, Path(f).name)
     else:
         chosen = rel.facts[: args.facts_per_relation]
         sets = []
@@ -270,15 +290,15 @@ def cmd_erase(args) -> int:
         return row
 
     before = measure()
-    edit = erase_relation(handle, sets, args.min_facts, args.top_k, mode=args.mode)
-    after = measure()
+    with erase_relation(handle, sets, args.min_facts, args.top_k, mode=args.mode):
+        after = measure()
+        if args.save_model:
+            save_edited(handle, args.save_model)
     print(_table([{"prompts of": k, "accuracy before": before[k][0], "after": after[k][0],
                    "perplexity before": before[k][1], "after ": after[k][1],
                    "perplexity change": (after[k][1] - before[k][1]) / before[k][1]} for k in before]))
     if args.save_model:
-        save_edited(handle, args.save_model)
         print(f"edited model saved to {args.save_model}")
-    edit.revert()
     return 0
 
 
@@ -439,22 +459,75 @@ def cmd_report(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------ argument checks
+# Each option's value is checked by argparse (before anything is loaded); a bad value ends in one line
+# "kneurons: error: argument --x: ..." and exit code 2.
+
+MAX_STEPS = 10_000  # integration steps: the paper uses 20; beyond this the rows alone fill memory and hours
+
+
+def _int_in(lo: int, hi: int | None = None):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if v < lo or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"must be {'from ' + str(lo) + ' to ' + str(hi) if hi is not None else '>= ' + str(lo)}, got {v}")
+        return v
+    parse.__name__ = "integer"
+    return parse
+
+
+def _number(lo: float | None = None, hi: float | None = None, lo_open: bool = False):
+    """A finite float in [lo, hi] (or (lo, hi] with ``lo_open``)."""
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+        if lo is not None and (v < lo or (lo_open and v == lo)) or hi is not None and v > hi:
+            left = "(" if lo_open else "["
+            raise argparse.ArgumentTypeError(f"must be in {left}{lo if lo is not None else '-inf'}, "
+                                             f"{hi if hi is not None else 'inf'}], got {text}")
+        return v
+    parse.__name__ = "number"
+    return parse
+
+
+_FRACTION = _number(0.0, 1.0, lo_open=True)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``kneurons: error: <what>`` and exit code 2 (no usage dump)."""
+
+    def error(self, message):
+        sub = self.prog.split(" ", 1)[1] if " " in self.prog else ""
+        where = f" {sub}" if sub else ""
+        self.exit(2, f"kneurons: error: {message} (see kneurons{where} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="kneurons", description="Knowledge neurons in Hugging Face transformers.")
+    from .interventions import SPACES
+
+    ap = _Parser(prog="kneurons", description="Knowledge neurons in Hugging Face transformers.")
     ap.add_argument("--version", action="version", version=f"kneurons {__version__}")
-    sub = ap.add_subparsers(dest="command", required=True)
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def model_args(p):
         p.add_argument("--model", "-m", default=None,
                        help="embedded name (smollm2-135m, gemma-3-270m), local directory, .gguf file or hub id "
                             "(default: smollm2-135m)")
-        p.add_argument("--dtype", default=None, help="float32 (default), float64, bfloat16, float16")
-        p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps ...")
+        p.add_argument("--dtype", default=None, choices=["float32", "float64", "bfloat16", "float16"],
+                       help="float32 (default), float64, bfloat16, float16")
+        p.add_argument("--device", default=None, help="cpu (default), cuda, cuda:N or mps")
 
     p = sub.add_parser("predict", help="assess a cloze prompt: target probability, rank, top-k")
     model_args(p)
     p.add_argument("--target", "-t", required=True)
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--top-k", type=_int_in(1), default=5, help="answers to list (1 to the vocabulary size)")
     p.add_argument("prompts", nargs="+", help="prompt(s) with one blank: [MASK], [Y] or ___")
     p.set_defaults(fn=cmd_predict)
 
@@ -465,8 +538,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_facts)
 
     def ig_args(p):
-        p.add_argument("--steps", type=int, default=20, help="integration steps m (default 20)")
-        p.add_argument("--batch-size", type=int, default=None,
+        p.add_argument("--steps", type=_int_in(1, MAX_STEPS), default=20,
+                       help=f"integration steps m (default 20, at most {MAX_STEPS})")
+        p.add_argument("--batch-size", type=_int_in(1), default=None,
                        help="rows per forward/backward pass (memory budget; default: about 2048 row-positions on CPU)")
         p.add_argument("--score", choices=["prob", "logprob"], default="prob")
 
@@ -476,9 +550,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-prompts", action="store_true",
                    help="the paraphrases' rows share passes (same numbers; pays on a GPU, slower on a small CPU)")
     p.add_argument("--target", "-t", required=True)
-    p.add_argument("--threshold", type=float, default=0.2, help="coarse threshold t x max (default 0.2)")
-    p.add_argument("--p", type=float, default=0.7, help="sharing fraction p (default 0.7)")
-    p.add_argument("--min-prompts", type=int, default=3)
+    p.add_argument("--threshold", type=_FRACTION, default=0.2, help="coarse threshold t x max, in (0, 1] (default 0.2)")
+    p.add_argument("--p", type=_FRACTION, default=0.7, help="sharing fraction p, in (0, 1] (default 0.7)")
+    p.add_argument("--min-prompts", type=_int_in(1), default=3)
     p.add_argument("--adaptive", action="store_true", help="move p by 0.05 until 2-5 neurons")
     p.add_argument("--save", default=None, help="write the result as JSON")
     p.add_argument("--overwrite", action="store_true")
@@ -498,7 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
         model_args(p)
         ig_args(p)
         fact_args(p)
-        p.add_argument("--factor", type=float, default=2.0)
+        p.add_argument("--factor", type=_number(), default=2.0)
         p.add_argument("--position", choices=["blank", "all"], default="blank")
         p.set_defaults(fn=cmd_intervene)
 
@@ -507,8 +581,8 @@ def build_parser() -> argparse.ArgumentParser:
     ig_args(p)
     fact_args(p)
     p.add_argument("--new", required=True, help="the new answer t'")
-    p.add_argument("--lambda1", type=float, default=1.0)
-    p.add_argument("--lambda2", type=float, default=8.0)
+    p.add_argument("--lambda1", type=_number(), default=1.0)
+    p.add_argument("--lambda2", type=_number(), default=8.0)
     p.add_argument("--space", choices=SPACES, default="embedding",
                    help="the targets' vectors: the paper's unembedding rows (default), the residual directions the "
                         "output head maps to them (head; for heads that transform the residual, e.g. BERT's MLM "
@@ -521,10 +595,10 @@ def build_parser() -> argparse.ArgumentParser:
     ig_args(p)
     p.add_argument("--relation", required=True, help="relation id of the built-in fact set")
     p.add_argument("--facts", default=None, help="a facts JSON file (default: the built-in set)")
-    p.add_argument("--facts-per-relation", type=int, default=8, help="facts whose neurons are located")
+    p.add_argument("--facts-per-relation", type=_int_in(1), default=8, help="facts whose neurons are located")
     p.add_argument("--neurons", nargs="+", default=None, help="knowledge-neuron files instead of locating")
-    p.add_argument("--min-facts", type=int, default=2, help="keep neurons shared by at least this many facts")
-    p.add_argument("--top-k", type=int, default=None, help="or keep the k most shared neurons")
+    p.add_argument("--min-facts", type=_int_in(1), default=2, help="keep neurons shared by at least this many facts")
+    p.add_argument("--top-k", type=_int_in(1), default=None, help="or keep the k most shared neurons")
     p.add_argument("--mode", choices=["zero", "unk"], default="zero")
     p.add_argument("--save-model", default=None)
     p.set_defaults(fn=cmd_erase)
@@ -537,34 +611,35 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "directory (query_pairs.json + patterns/)")
     p.add_argument("--out", required=True, help="run directory (created; rerun the same command to resume)")
     p.add_argument("--relations", nargs="+", default=None, help="relation ids (default: all)")
-    p.add_argument("--facts-per-relation", type=int, default=10, help="known facts per relation (default 10)")
+    p.add_argument("--facts-per-relation", type=_int_in(1), default=10, help="known facts per relation (default 10)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--experiments", nargs="+", default=["assess", "locate", "suppress", "activations", "update",
                                                         "erase"])
-    p.add_argument("--max-prompts", type=int, default=None, help="use at most this many templates per fact")
-    p.add_argument("--max-candidates", type=int, default=200,
+    p.add_argument("--max-prompts", type=_int_in(2), default=None, help="use at most this many templates per fact")
+    p.add_argument("--max-candidates", type=_int_in(1), default=200,
                    help="facts assessed per relation while looking for known ones (default 200)")
-    p.add_argument("--known-fraction", type=float, default=0.5,
-                   help="known = right on more than this fraction of the fact's prompts (default 0.5)")
-    p.add_argument("--known-rank", type=int, default=1, help="right = rank <= this (default 1)")
+    p.add_argument("--known-fraction", type=_number(0.0, 1.0), default=0.5,
+                   help="known = right on more than this fraction of the fact's prompts, in [0, 1) (default 0.5)")
+    p.add_argument("--known-rank", type=_int_in(1), default=1, help="right = rank <= this (default 1)")
     p.add_argument("--known-among", choices=["vocabulary", "candidates"], default="vocabulary",
                    help="rank over the whole vocabulary, or among the relation's answers (LAMA/PARAREL style)")
-    p.add_argument("--threshold", type=float, default=0.2)
-    p.add_argument("--p", type=float, default=0.7)
-    p.add_argument("--min-prompts", type=int, default=3)
+    p.add_argument("--threshold", type=_FRACTION, default=0.2)
+    p.add_argument("--p", type=_FRACTION, default=0.7)
+    p.add_argument("--min-prompts", type=_int_in(1), default=3)
     p.add_argument("--fixed-p", action="store_true", help="do not adapt p to get 2-5 neurons per fact")
-    p.add_argument("--lambda1", type=float, default=1.0)
-    p.add_argument("--lambda2", type=float, default=8.0)
-    p.add_argument("--update-drop-shared", type=float, default=0.1,
+    p.add_argument("--lambda1", type=_number(), default=1.0)
+    p.add_argument("--lambda2", type=_number(), default=8.0)
+    p.add_argument("--update-drop-shared", type=_number(0.0, 1.0), default=0.1,
                    help="update: drop neurons shared by more than this fraction of the relation's facts (0: keep)")
     p.add_argument("--update-space", choices=SPACES, default="embedding",
                    help="update: the paper's unembedding rows, the residual directions the output head maps to the "
                         "targets (head), or the logit gradient at the fact's prompt (gradient)")
-    p.add_argument("--bingrel-sentences", type=int, default=10, help="activations: sentences per bag (default 10)")
-    p.add_argument("--max-tokens", type=int, default=128, help="activations: truncate sentences (default 128)")
+    p.add_argument("--bingrel-sentences", type=_int_in(1), default=10, help="activations: sentences per bag (default 10)")
+    p.add_argument("--max-tokens", type=_int_in(2), default=128, help="activations: truncate sentences (default 128)")
     p.add_argument("--erase-relations", nargs="+", default=["P19", "P27", "P106", "P937"])
-    p.add_argument("--erase-top-k", type=int, default=20, help="erase the k most shared neurons (0: use --erase-min-facts)")
-    p.add_argument("--erase-min-facts", type=int, default=None)
+    p.add_argument("--erase-top-k", type=_int_in(0), default=20,
+                   help="erase the k most shared neurons (0: use --erase-min-facts)")
+    p.add_argument("--erase-min-facts", type=_int_in(1), default=None)
     p.add_argument("--erase-mode", choices=["unk", "zero"], default="unk")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=cmd_run)
@@ -585,15 +660,73 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(p)
     ig_args(p)
     p.add_argument("--fact", default=None, help="subject of the built-in fact to locate (default: first known)")
-    p.add_argument("--prompts", type=int, default=4, help="paraphrases to use")
+    p.add_argument("--prompts", type=_int_in(2), default=4, help="paraphrases to use (at least 2)")
     p.set_defaults(fn=cmd_demo)
     return ap
 
 
+def _precheck(args) -> None:
+    """What can be checked before the model loads: device, prompts' blanks, targets."""
+    from .models import check_device
+    from .prompts import parse_cloze
+
+    if getattr(args, "device", None) is not None:
+        check_device(args.device)
+    prompts = getattr(args, "prompts", None)
+    for p in prompts if isinstance(prompts, list) else []:
+        parse_cloze(p)
+    for p, t in getattr(args, "control", None) or []:
+        parse_cloze(p)
+        if not t.strip():
+            raise KneuronsError(f"empty target for control prompt {p!r}")
+    for name in ("target", "new"):
+        v = getattr(args, name, None)
+        if v is not None and not v.strip():
+            raise KneuronsError(f"empty {'target' if name == 'target' else 'new answer'} (--{name})")
+    factor = getattr(args, "factor", None)
+    if args.command == "amplify" and factor is not None and abs(factor) > 100:
+        warnings.warn(f"--factor {factor:g} multiplies the neurons' activations by more than 100: expect values "
+                      "past the float range (the probabilities then become NaN, which is reported as an error)")
+
+
+def _undecodable(argv) -> str | None:
+    """The first argument that is not valid UTF-8 (the OS hands those over as lone surrogates)."""
+    for a in argv:
+        try:
+            a.encode("utf-8")
+        except UnicodeEncodeError:
+            return a.encode("utf-8", "backslashreplace").decode("ascii", "backslashreplace")
+    return None
+
+
+class _Terminated(BaseException):
+    """SIGTERM, handled like Ctrl-C: cleanup runs (temporaries removed), one line, exit code 143."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"kneurons: warning: {' '.join(str(message).split())}", file=sys.stderr)
+
+
 def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    old_term = signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() \
+        else None
+    old_show = warnings.showwarning
+    warnings.showwarning = _one_line_warning
     try:
+        bad = _undecodable(argv)
+        if bad is not None:
+            raise KneuronsError(f"argument is not valid UTF-8: {bad}")
+        try:
+            args = build_parser().parse_args(argv)
+        except SystemExit as exc:  # --help, --version (0) or a refused argument (2, its line already printed)
+            return exc.code if isinstance(exc.code, int) else 2
+        _precheck(args)
         return args.fn(args)
     except KneuronsError as exc:
         print(f"kneurons: error: {exc}", file=sys.stderr)
@@ -601,6 +734,13 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("kneurons: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("kneurons: terminated", file=sys.stderr)
+        return 143
+    finally:
+        warnings.showwarning = old_show
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
 
 
 if __name__ == "__main__":

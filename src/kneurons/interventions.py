@@ -44,6 +44,7 @@ import hashlib
 import math
 import numbers
 import warnings
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,22 +56,12 @@ from .errors import KneuronsError
 from .hooks import ffn_hooks
 from .prompts import assess, encode
 
-Neuron = tuple[int, int]
-
 from .hooks import BLANKS as _BLANKS  # noqa: E402
+from .neurons import Neuron, as_neurons, check_neurons  # noqa: E402
 
 
 def _neurons(handle, neurons) -> list[Neuron]:
-    if hasattr(neurons, "neurons"):
-        neurons = neurons.neurons
-    out = sorted(set((int(l), int(i)) for l, i in neurons))
-    if not out:
-        raise KneuronsError("empty neuron set")
-    for l, i in out:
-        if not (0 <= l < handle.n_layers) or not (0 <= i < handle.d_ff):
-            raise KneuronsError(f"neuron ({l}, {i}) out of range: layers 0..{handle.n_layers - 1}, "
-                                f"neurons 0..{handle.d_ff - 1}")
-    return out
+    return check_neurons(handle, neurons)
 
 
 class Intervention:
@@ -214,8 +205,26 @@ def weights_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+#: the weight edits applied to each model, oldest first. Kept per *model* (not per handle): two handles wrapping
+#: one model see, and are checked against, the same edits.
+_APPLIED: "weakref.WeakKeyDictionary[torch.nn.Module, list[Edit]]" = weakref.WeakKeyDictionary()
+
+
+def applied_edits(model) -> list["Edit"]:
+    """The edits currently applied to ``model`` (a module or a handle), oldest first."""
+    model = getattr(model, "model", model)
+    return list(_APPLIED.get(model, ()))
+
+
 class Edit:
-    """A reversible weight edit. ``revert()`` restores every touched value slot bit-exactly."""
+    """A reversible weight edit. ``revert()`` restores every touched value slot bit-exactly.
+
+    Edits of one model form a stack. Reverting an edit while a later one that changed some of the *same* value
+    slots is still applied is refused (it would restore stale values under the later edit); edits of disjoint
+    slots may be reverted in any order. As a context manager an edit reverts on exit; when the block ends with an
+    exception, later edits of the same slots that the block left applied are reverted first (the exception gets a
+    note naming them), so the user's exception surfaces and the model is left as before the block.
+    """
 
     def __init__(self, handle, kind: str, neurons: list[Neuron], info: dict | None = None):
         self.handle = handle
@@ -224,39 +233,82 @@ class Edit:
         self.info = info or {}
         self._saved: list[tuple[int, int, torch.Tensor]] = []
         self.reverted = False
-        stack = handle.__dict__.setdefault("_kneurons_edits", [])
-        stack.append(self)
+        _APPLIED.setdefault(handle.model, []).append(self)
 
     def _save(self, layer: int, index: int) -> torch.Tensor:
         slot = self.handle.arch.value_slots(layer)[index]
         self._saved.append((layer, index, slot.detach().clone()))
         return slot
 
-    def revert(self) -> None:
-        if self.reverted:
-            raise KneuronsError("this edit was already reverted")
-        stack = self.handle.__dict__.get("_kneurons_edits", [])
-        live = [e for e in stack if not e.reverted]
-        if live and live[-1] is not self:
-            raise KneuronsError("revert edits in reverse order (the last applied first): a later edit is still active")
+    @property
+    def slots(self) -> set[Neuron]:
+        """The value slots this edit changed."""
+        return {(l, i) for l, i, _ in self._saved}
+
+    def _later_overlapping(self) -> list["Edit"]:
+        stack = _APPLIED.get(self.handle.model, [])
+        later = stack[stack.index(self) + 1:] if self in stack else []
+        mine = self.slots
+        return [e for e in later if e.slots & mine]
+
+    def _restore(self) -> None:
         with torch.no_grad():
             for layer, index, old in reversed(self._saved):
                 self.handle.arch.value_slots(layer)[index].copy_(old)
         self.reverted = True
+        stack = _APPLIED.get(self.handle.model, [])
         if self in stack:
             stack.remove(self)
+
+    def revert(self) -> None:
+        if self.reverted:
+            raise KneuronsError("this edit was already reverted")
+        blocking = self._later_overlapping()
+        if blocking:
+            shared = sorted(self.slots & set().union(*(e.slots for e in blocking)))
+            raise KneuronsError(f"revert edits in reverse order: {blocking[-1]!r}, applied later, changed the same "
+                                f"value slots {shared[:5]}{' ...' if len(shared) > 5 else ''}; revert it first")
+        self._restore()
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        if not self.reverted:
+    def __exit__(self, exc_type, exc, tb):
+        if self.reverted:
+            return False
+        if exc is None:
             self.revert()
+            return False
+        # the block raised: do not replace its exception. Later edits of the same slots go first, then this one.
+        undone = []
+        for later in reversed(self._later_overlapping()):
+            later._restore()
+            undone.append(repr(later))
+        self._restore()
+        if undone and hasattr(exc, "add_note"):
+            exc.add_note(f"kneurons: leaving the edit block also reverted the later edit(s) of the same value slots "
+                         f"that were still applied: {', '.join(undone)}")
         return False
 
     def __repr__(self):
         state = "reverted" if self.reverted else "applied"
-        return f"Edit({self.kind}, {len(self.neurons)} value slots, {state})"
+        what = {k: v for k, v in self.info.items() if k in ("old", "new", "mode")}
+        return f"Edit({self.kind}, {len(self.neurons)} value slots, {state}{', ' if what else ''}" \
+               f"{', '.join(f'{k}={v!r}' for k, v in what.items())})"
+
+
+def _apply(edit: "Edit", new_slot) -> "Edit":
+    """Write ``new_slot(layer, index, slot)`` into each of the edit's value slots; on any failure the slots already
+    written are restored and the edit is dropped (nothing half-applied)."""
+    try:
+        with torch.no_grad():
+            for l, i in edit.neurons:
+                slot = edit._save(l, i)
+                slot.copy_(new_slot(l, i, slot))
+    except BaseException:
+        edit._restore()
+        raise
+    return edit
 
 
 def _check_editable(handle) -> None:
@@ -449,23 +501,24 @@ def update_fact(handle, neurons, old_target: str, new_target: str, prompt: str |
         if not torch.isfinite(vec).all() or float(vec.norm()) == 0:
             raise KneuronsError(f"target {name!r} has a zero or non-finite target vector ({space} space); cannot "
                                 "scale by it")
-    edit = Edit(handle, "update", nrns, {"old": old_target, "new": new_target, "lambda1": lambda1,
-                                          "lambda2": lambda2, "space": space})
-    with torch.no_grad():
-        for l, i in nrns:
-            slot = edit._save(l, i)
-            v = slot.double()
-            norm = v.norm()
-            new = v - lambda1 * norm / e_old.norm() * e_old.to(v.device) + lambda2 * norm / e_new.norm() * e_new.to(v.device)
-            slot.copy_(new.to(slot.dtype))
-    return edit
+    def rule(l, i, slot):
+        v = slot.double()
+        norm = v.norm()
+        new = v - lambda1 * norm / e_old.norm() * e_old.to(v.device) + lambda2 * norm / e_new.norm() * e_new.to(v.device)
+        return new.to(slot.dtype)
+
+    return _apply(Edit(handle, "update", nrns, {"old": old_target, "new": new_target, "lambda1": lambda1,
+                                                "lambda2": lambda2, "space": space}), rule)
 
 
 def shared_neurons(neuron_sets: Iterable, min_facts: int | None = 5, top_k: int | None = None) -> list[Neuron]:
     """Neurons appearing in at least ``min_facts`` of the sets, or the ``top_k`` most frequent."""
     if min_facts is None and top_k is None:
         raise KneuronsError("give min_facts or top_k")
-    counts = Counter(tuple(n) for s in neuron_sets for n in set(map(tuple, getattr(s, "neurons", s))))
+    for name, v in (("min_facts", min_facts), ("top_k", top_k)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise KneuronsError(f"{name} must be an integer >= 1, got {v!r}")
+    counts = Counter(n for s in neuron_sets for n in set(as_neurons(getattr(s, "neurons", s))))
     if top_k is not None:
         return sorted(n for n, _ in counts.most_common(int(top_k)))
     return sorted(n for n, c in counts.items() if c >= int(min_facts))
@@ -492,6 +545,10 @@ def erase_relation(handle, neuron_sets: Iterable, min_facts: int | None = 5, top
     """Erase a relation: value slots of the neurons shared by its facts become zero or the [UNK] vector."""
     if mode not in ("zero", "unk"):
         raise KneuronsError(f"mode must be 'zero' or 'unk', got {mode!r}")
+    neuron_sets = list(neuron_sets)
+    for k, s in enumerate(neuron_sets):  # every set checked against the model: shape, ids, name (empty is allowed)
+        if as_neurons(getattr(s, "neurons", s), f"neuron set {k}"):
+            check_neurons(handle, s, f"neuron set {k}")
     chosen = shared_neurons(neuron_sets, min_facts, top_k)
     if not chosen:
         raise KneuronsError(f"no neuron is shared by {min_facts} or more facts of the relation (lower min_facts "
@@ -509,12 +566,8 @@ def erase_relation(handle, neuron_sets: Iterable, min_facts: int | None = 5, top
             if U.shape[1] != handle.arch.d_model:
                 raise KneuronsError("output embeddings are not in the model width; use mode='zero'")
             fill = U[unk].detach()
-    edit = Edit(handle, "erase", nrns, {"mode": mode, "min_facts": min_facts, "top_k": top_k})
-    with torch.no_grad():
-        for l, i in nrns:
-            slot = edit._save(l, i)
-            slot.copy_(torch.zeros_like(slot) if fill is None else fill.to(slot.dtype))
-    return edit
+    return _apply(Edit(handle, "erase", nrns, {"mode": mode, "min_facts": min_facts, "top_k": top_k}),
+                  lambda l, i, slot: torch.zeros_like(slot) if fill is None else fill.to(slot.dtype))
 
 
 # -------------------------------------------------------------------------------------------- metrics

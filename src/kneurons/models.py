@@ -135,6 +135,7 @@ def load_model(spec: str | os.PathLike | None = None, dtype: torch.dtype | str |
     """
     spec = DEFAULT_MODEL if spec is None or str(spec) == "" else str(spec)
     dtype = _dtype(dtype)
+    device = check_device(device)
     if spec in EMBEDDED:
         gguf_path = _embedded_gguf(spec)
         directory = _gguf_to_cache(gguf_path)
@@ -166,6 +167,35 @@ def _dtype(dtype) -> torch.dtype:
     if str(dtype) not in names:
         raise KneuronsError(f"unknown dtype {dtype!r} (use one of {', '.join(names)})")
     return names[str(dtype)]
+
+
+def check_device(device) -> torch.device | None:
+    """``device`` as a :class:`torch.device`, checked to exist on this machine before anything is loaded (a
+    one-line error for a typo, ``meta``, or a CUDA/MPS device this machine does not have)."""
+    if device is None or device == "":
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise KneuronsError(f"unknown device {device!r} (use cpu, cuda, cuda:N or mps)") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "meta":
+        raise KneuronsError("device 'meta' holds no weights; use cpu, cuda or mps")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise KneuronsError(f"device {device!r}: CUDA is not available on this machine (torch "
+                                f"{torch.__version__}{', built without CUDA' if torch.version.cuda is None else ''})")
+        n = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= n:
+            raise KneuronsError(f"device {device!r}: this machine has {n} CUDA device(s) (cuda:0..cuda:{n - 1})")
+        return dev
+    if dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise KneuronsError(f"device {device!r}: MPS is not available on this machine")
+        return dev
+    raise KneuronsError(f"device {device!r} is not supported (use cpu, cuda, cuda:N or mps)")
 
 
 def _embedded_gguf(name: str) -> Path:

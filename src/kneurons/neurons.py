@@ -12,12 +12,15 @@
 from __future__ import annotations
 
 import json
+import numbers
 import random
 import time
+import warnings
 from collections import Counter
+from collections.abc import Iterable, Sequence  # noqa: F401
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 
@@ -28,7 +31,55 @@ from .errors import KneuronsError
 from .hooks import ffn_hooks
 from .prompts import encode
 
-Neuron = tuple[int, int]
+Neuron = tuple[int, int]  # (layer, index in the layer's FFN)
+
+
+def _index(v, what: str) -> int:
+    # bool is an int subclass and a float like 29.7 (or 5.0) is no neuron id: only real integers
+    if isinstance(v, torch.Tensor) and v.dim() == 0 and not v.dtype.is_floating_point and v.dtype != torch.bool:
+        return int(v)
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise KneuronsError(f"{what}: {v!r} is not an integer")
+    return int(v)
+
+
+def as_neurons(entries, where: str = "neurons") -> list[Neuron]:
+    """Validate neuron entries — each a ``(layer, index)`` pair of integers — and return them as tuples (order
+    kept). A one-line error names the first bad entry (a string, three numbers, a float or a bool id...)."""
+    if isinstance(entries, (str, bytes)) or not isinstance(entries, Iterable):
+        raise KneuronsError(f"{where} must be a list of [layer, index] pairs, got {type(entries).__name__}")
+    out = []
+    for k, n in enumerate(entries):
+        if isinstance(n, (str, bytes, dict)) or not (hasattr(n, "__len__") and hasattr(n, "__getitem__")):
+            raise KneuronsError(f"{where}[{k}] must be a [layer, index] pair, got {n!r}")
+        if len(n) != 2:
+            raise KneuronsError(f"{where}[{k}] must be a [layer, index] pair, got {len(n)} values: {list(n)!r}")
+        out.append((_index(n[0], f"{where}[{k}] layer"), _index(n[1], f"{where}[{k}] index")))
+    return out
+
+
+def check_neurons(handle, neurons, where: str = "neurons") -> list[Neuron]:
+    """The distinct neurons of ``neurons`` (a :class:`KnowledgeNeurons` or ``(layer, index)`` pairs), sorted and
+    checked against the model's shape. A result located on another model is refused when the shape differs and
+    accepted with a warning naming both models when only the name does."""
+    info = getattr(neurons, "model", None)
+    if isinstance(info, dict):
+        shape = (info.get("n_layers"), info.get("d_ff"))
+        other = info.get("name")
+        if shape[0] is not None and shape != (handle.n_layers, handle.d_ff):
+            raise KneuronsError(f"{where} were located on {other!r} ({shape[0]} layers x {shape[1]} FFN neurons); "
+                                f"{handle.name!r} has {handle.n_layers} x {handle.d_ff}")
+        if other and other != handle.name:
+            warnings.warn(f"{where} were located on model {other!r}, and are used on {handle.name!r} (same shape)",
+                          stacklevel=3)
+    out = sorted(set(as_neurons(getattr(neurons, "neurons", neurons), where)))
+    if not out:
+        raise KneuronsError(f"{where}: empty neuron set")
+    for l, i in out:
+        if not (0 <= l < handle.n_layers) or not (0 <= i < handle.d_ff):
+            raise KneuronsError(f"{where}: neuron ({l}, {i}) out of range: layers 0..{handle.n_layers - 1}, "
+                                f"neurons 0..{handle.d_ff - 1}")
+    return out
 
 
 def _check_fraction(name: str, value) -> None:
@@ -148,15 +199,38 @@ class KnowledgeNeurons:
         path = Path(path)
         if not path.exists():
             raise KneuronsError(f"neurons file does not exist: {path}")
+        if not path.is_file():
+            raise KneuronsError(f"neurons file is not a file: {path}")
         try:
-            d = json.loads(path.read_text())
-            if d.get("kind") != "kneurons.KnowledgeNeurons":
-                raise ValueError("kind")
-            return cls([tuple(n) for n in d["neurons"]], list(d["prompts"]), d["target"],
-                       [[tuple(n) for n in c] for c in d["coarse"]], list(d["base_probs"]), dict(d["params"]),
-                       dict(d["model"]), d["method"], d["version"], d["created"])
-        except Exception as exc:
-            raise KneuronsError(f"not a readable kneurons neurons file: {path} ({type(exc).__name__})")
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise KneuronsError(f"not a readable kneurons neurons file: {path} ({type(exc).__name__})") from None
+        if not isinstance(d, dict) or d.get("kind") != "kneurons.KnowledgeNeurons":
+            raise KneuronsError(f"not a readable kneurons neurons file: {path} (not a kneurons.KnowledgeNeurons "
+                                "object)")
+        where = f"{path.name}"
+        try:
+            prompts, coarse = d.get("prompts", []), d.get("coarse", [])
+            if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+                raise KneuronsError(f"{where}: prompts must be a list of strings")
+            if not isinstance(d.get("target", ""), str):
+                raise KneuronsError(f"{where}: target must be a string")
+            if not isinstance(coarse, list):
+                raise KneuronsError(f"{where}: coarse must be a list of neuron lists")
+            for key in ("params", "model"):
+                if not isinstance(d.get(key, {}), dict):
+                    raise KneuronsError(f"{where}: {key} must be an object")
+            return cls(as_neurons(d["neurons"], f"{where}: neurons"), prompts, d.get("target", ""),
+                       [as_neurons(c, f"{where}: coarse[{k}]") for k, c in enumerate(coarse)],
+                       [float(b) for b in d.get("base_probs", [])], dict(d.get("params", {})),
+                       dict(d.get("model", {})), str(d.get("method", "integrated_gradients")),
+                       str(d.get("version", "")), float(d.get("created", 0.0)))
+        except KeyError as exc:
+            raise KneuronsError(f"{where}: missing field {exc.args[0]!r}") from None
+        except (TypeError, ValueError) as exc:
+            if isinstance(exc, KneuronsError):
+                raise
+            raise KneuronsError(f"{where}: malformed field ({type(exc).__name__}: {exc})") from None
 
 
 def _targets_one_fact(prompts, target) -> str:

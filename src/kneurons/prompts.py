@@ -93,6 +93,7 @@ def encode(handle, prompt: str, target: str) -> Encoded:
         positions = [i for i, t in enumerate(ids) if t == tok.mask_token_id]
         if len(positions) != len(t_ids):
             raise KneuronsError(f"could not place {len(t_ids)} mask token(s) in prompt {prompt!r}")
+        _check_length(handle, prompt, len(ids))
         return Encoded(prompt, target, ids, positions[0], positions, t_ids, len(ids))
     # causal
     if not _TRAILING_OK.match(cloze.after):
@@ -115,8 +116,30 @@ def encode(handle, prompt: str, target: str) -> Encoded:
     if not prefix:
         raise KneuronsError(f"prompt {prompt!r} becomes zero tokens with this tokenizer")
     ids = prefix + t_ids[:-1]
+    _check_length(handle, prompt, len(ids))
     blank = len(prefix) - 1
     return Encoded(prompt, target, ids, blank, [blank + i for i in range(len(t_ids))], t_ids, len(prefix))
+
+
+#: config fields that hold a model's context length (the first one present is used)
+_CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+
+
+def context_length(handle) -> int | None:
+    """The number of positions the model takes, from its config (``None`` if the config does not say)."""
+    config = getattr(handle.model, "config", None)
+    for name in _CONTEXT_FIELDS:
+        v = getattr(config, name, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
+
+
+def _check_length(handle, prompt: str, n: int) -> None:
+    limit = context_length(handle)
+    if limit is not None and n > limit:
+        short = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+        raise KneuronsError(f"prompt {short!r} is {n} tokens with its target; {handle.name!r} takes at most {limit}")
 
 
 def pad_batch(encs: list[Encoded], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,7 +173,9 @@ class Assessment:
     """How a model answers one cloze prompt.
 
     ``prob``: joint target probability (see module docstring); ``rank``: 1-based rank of the first target token
-    at the first blank position; ``correct``: every target token is the arg-max at its position.
+    at the first blank position, ties counted against the target (1 + the number of *other* tokens at least as
+    probable: a target tied with another token is not ranked first, so a flat distribution ranks it last);
+    ``correct``: every target token is strictly more probable than every other token at its position.
     """
 
     prompt: str
@@ -182,8 +207,11 @@ def assess(handle, prompts, targets, top_k: int = 5, batch_size: int = 32, candi
         targets = [targets] * len(prompts)
     if len(targets) != len(prompts):
         raise KneuronsError(f"{len(prompts)} prompts but {len(targets)} targets")
-    if batch_size < 1:
-        raise KneuronsError("batch_size must be at least 1")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise KneuronsError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    vocab = _vocab_size(handle)
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= vocab:
+        raise KneuronsError(f"top_k must be an integer from 1 to the vocabulary size ({vocab}), got {top_k!r}")
     encs = [encode(handle, p, t) for p, t in zip(prompts, targets)]
     cand_ids = _candidate_ids(handle, encs, candidates) if candidates is not None else None
     tok = handle.tokenizer
@@ -197,27 +225,47 @@ def assess(handle, prompts, targets, top_k: int = 5, batch_size: int = 32, candi
             logits = _scored_logits(handle, ids, mask, chunk)  # [rows, target tokens, vocab]
         for r, e in enumerate(chunk):
             logp = torch.log_softmax(logits[r, : len(e.target_ids)].double(), dim=-1)
-            if len(chunk) > 1 and not torch.isfinite(logp).all():
+            if len(chunk) > 1 and torch.isnan(logp).any():
                 # some attention implementations turn padding into NaN that leaks into real positions (e.g.
                 # eager Gemma-2 with a sliding window): score this row alone, without padding
                 one, one_mask = pad_batch([e], pad_id(tok), handle.device)
                 with torch.inference_mode(), blank_positions(torch.tensor([e.blank])):
                     logp = torch.log_softmax(_scored_logits(handle, one, one_mask, [e])[0].double(), dim=-1)
-            tgt = torch.tensor(e.target_ids, device=logits.device)
+            if torch.isnan(logp).any():  # NaN logits, or +inf (log-softmax of +inf is NaN)
+                raise KneuronsError(
+                    f"the model's output for {e.prompt!r} is not finite (NaN or infinite logits): its weights hold "
+                    f"NaN/inf, or an edit or intervention pushed values past the range of {handle.dtype}")
+            tgt = torch.tensor(e.target_ids, device=logp.device)
             lp = float(logp.gather(-1, tgt[:, None]).sum())
             first = logp[0]
-            rank = int((first > first[tgt[0]]).sum()) + 1
-            correct = bool((logp.argmax(-1) == tgt).all())
+            rank = _rank(first, tgt[:1])
+            others = logp.clone()
+            others[torch.arange(len(tgt), device=logp.device), tgt] = -math.inf
+            correct = bool((logp.gather(-1, tgt[:, None])[:, 0] > others.amax(-1)).all())
             probs, idx = first.exp().topk(top_k)
             top = [Prediction(tok.decode([int(i)]), int(i), float(p)) for p, i in zip(probs, idx)]
             crank = None
             if cand_ids is not None:
                 ids_c = cand_ids[start + r]
                 ids_c = ids_c[ids_c != tgt[0]]
-                crank = int((first[ids_c] > first[tgt[0]]).sum()) + 1
+                crank = int((first[ids_c] >= first[tgt[0]]).sum()) + 1  # ties count against the target
             out.append(Assessment(e.prompt, e.target, math.exp(lp), lp, rank, correct, len(e.target_ids), top,
                                   crank))
     return out
+
+
+def _rank(logp: torch.Tensor, target: torch.Tensor) -> int:
+    """1 + the number of tokens other than ``target`` (a one-element tensor) at least as probable as it (the
+    count of tokens ``>=`` the target includes the target itself; NaN was ruled out before)."""
+    return int((logp >= logp[target]).sum())
+
+
+def _vocab_size(handle) -> int:
+    out = handle.model.get_output_embeddings() if hasattr(handle.model, "get_output_embeddings") else None
+    w = getattr(out, "weight", None)
+    if w is not None and w.dim() == 2:
+        return int(w.shape[0])
+    return int(getattr(handle.model.config, "vocab_size", None) or len(handle.tokenizer))
 
 
 def _scored_logits(handle, ids: torch.Tensor, mask: torch.Tensor, chunk: list[Encoded]) -> torch.Tensor:
