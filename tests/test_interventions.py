@@ -405,3 +405,70 @@ def test_head_search_rows_stop_independently(monkeypatch, tol):
     alone = torch.cat([_head_directions(h, [i], norm, steps=60) for i in ids])
     torch.testing.assert_close(joint, alone, rtol=0, atol=1e-9)
     assert not torch.allclose(joint, full, rtol=0, atol=1e-9)  # some row did stop early
+
+
+def test_two_handles_on_one_model_share_the_edit_stack():
+    from kneurons import ModelHandle
+
+    h1 = handle_for("llama")
+    h2 = ModelHandle.from_model(h1.model, h1.tokenizer, name="second")
+    before = weights_digest(h1.model)
+    e1 = update_fact(h1, [(0, 4), (1, 2)], "paris", "berlin", prompt=PROMPT)
+    e2 = erase_relation(h2, [[(0, 4)]], min_facts=1)  # the same slot (0, 4), through the other handle
+    with pytest.raises(KneuronsError, match="reverse order"):
+        e1.revert()
+    e2.revert()
+    e1.revert()
+    assert weights_digest(h1.model) == before
+
+
+def test_disjoint_edits_revert_in_any_order():
+    h = handle_for("llama")
+    before = weights_digest(h.model)
+    e1 = update_fact(h, [(0, 4)], "paris", "berlin", prompt=PROMPT)
+    e2 = erase_relation(h, [[(1, 7)]], min_facts=1)
+    e1.revert()  # no slot in common with e2
+    e2.revert()
+    assert weights_digest(h.model) == before
+
+
+def test_exception_inside_an_edit_block_surfaces_and_everything_reverts():
+    from kneurons.interventions import applied_edits
+
+    h = handle_for("llama")
+    before = weights_digest(h.model)
+    with pytest.raises(ZeroDivisionError) as exc:
+        with update_fact(h, [(0, 4)], "paris", "berlin", prompt=PROMPT):
+            erase_relation(h, [[(0, 4), (1, 1)]], min_facts=1)  # an inner edit of the same slot, left applied
+            1 / 0
+    assert weights_digest(h.model) == before and applied_edits(h) == []
+    assert any("also reverted" in note for note in getattr(exc.value, "__notes__", []))
+    outer = update_fact(h, [(0, 4)], "paris", "berlin", prompt=PROMPT)
+    inner = erase_relation(h, [[(0, 4)]], min_facts=1)
+    with pytest.raises(KneuronsError, match="reverse order"):  # a block ending normally, its inner edit applied
+        outer.__exit__(None, None, None)
+    assert applied_edits(h) == [outer, inner]  # said, and nothing changed
+    inner.revert()
+    outer.revert()
+    assert weights_digest(h.model) == before
+
+
+def test_an_edit_that_fails_half_way_leaves_nothing_applied(monkeypatch):
+    from kneurons.interventions import applied_edits
+
+    h = handle_for("llama")
+    before = weights_digest(h.model)
+    calls = {"n": 0}
+    original = torch.Tensor.copy_
+
+    def failing_copy(self, src, *a, **kw):  # the second slot write fails (e.g. a device error)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("simulated failure while writing a value slot")
+        return original(self, src, *a, **kw)
+
+    monkeypatch.setattr(torch.Tensor, "copy_", failing_copy)
+    with pytest.raises(RuntimeError, match="simulated"):
+        erase_relation(h, [[(0, 4), (1, 2), (1, 3)]], min_facts=1)
+    monkeypatch.undo()
+    assert weights_digest(h.model) == before and applied_edits(h) == []

@@ -59,7 +59,7 @@ def cmd_predict(args) -> int:
 
 
 def _fact_report(handle, facts, relation=None, majority: float = 0.5):
-    from .prompts import assess
+    from .prompts import assess, encode
 
     rows, known = [], []
     rels = [facts.relation(relation)] if relation else facts.relations
@@ -67,6 +67,13 @@ def _fact_report(handle, facts, relation=None, majority: float = 0.5):
         items = []
         for fact in rel.facts:
             prompts = rel.prompts(fact, causal=handle.is_causal)
+            try:  # a fact the model cannot be asked (e.g. an answer its tokenizer cannot spell) is not known
+                for p in prompts:
+                    encode(handle, p, fact.object)
+            except KneuronsError:
+                rows.append({"relation": rel.id, "subject": fact.subject, "object": fact.object, "templates": 0,
+                             "top-1": 0, "mean prob": float("nan"), "known": "no (cannot be asked)"})
+                continue
             items += [(fact, p) for p in prompts]
         if not items:
             continue
@@ -243,7 +250,17 @@ def _check_model_dir(path):
 
 
 def _relation_items(handle, rel, facts_subset=None):
-    items = [(f, p) for f in (facts_subset or rel.facts) for p in rel.prompts(f, causal=handle.is_causal)]
+    """The relation's prompts and answers that the model can be asked (answers it cannot spell are left out)."""
+    from .prompts import encode
+
+    items = []
+    for f in facts_subset or rel.facts:
+        for p in rel.prompts(f, causal=handle.is_causal):
+            try:
+                encode(handle, p, f.object)
+            except KneuronsError:
+                continue
+            items.append((f, p))
     return [p for _, p in items], [f.object for f, _ in items]
 
 
@@ -274,6 +291,9 @@ def cmd_erase(args) -> int:
                                        keep_attributions=False, progress=bar.update, batch_size=args.batch_size,
                                        score=args.score))
     shared = shared_neurons(sets, args.min_facts, args.top_k)
+    if not shared:
+        raise KneuronsError(f"no neuron is shared by {args.min_facts} or more of the {len(sets)} facts' neuron sets "
+                            "(lower --min-facts or use --top-k)")
     print(f"{len(shared)} neurons shared by the knowledge neurons of {len(sets)} facts of {rel.id}: {shared}")
     others = [r for r in facts.relations if r.id != rel.id]
 

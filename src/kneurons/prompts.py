@@ -94,6 +94,7 @@ def encode(handle, prompt: str, target: str) -> Encoded:
         if len(positions) != len(t_ids):
             raise KneuronsError(f"could not place {len(t_ids)} mask token(s) in prompt {prompt!r}")
         _check_length(handle, prompt, len(ids))
+        _check_producible(handle, target, t_ids)
         return Encoded(prompt, target, ids, positions[0], positions, t_ids, len(ids))
     # causal
     if not _TRAILING_OK.match(cloze.after):
@@ -117,6 +118,7 @@ def encode(handle, prompt: str, target: str) -> Encoded:
         raise KneuronsError(f"prompt {prompt!r} becomes zero tokens with this tokenizer")
     ids = prefix + t_ids[:-1]
     _check_length(handle, prompt, len(ids))
+    _check_producible(handle, target, t_ids)
     blank = len(prefix) - 1
     return Encoded(prompt, target, ids, blank, [blank + i for i in range(len(t_ids))], t_ids, len(prefix))
 
@@ -133,6 +135,19 @@ def context_length(handle) -> int | None:
         if isinstance(v, int) and not isinstance(v, bool) and v > 0:
             return v
     return None
+
+
+def _check_producible(handle, target: str, t_ids: list[int]) -> None:
+    """A target the model cannot output is no answer to score: ids beyond the output vocabulary, or a word the
+    tokenizer maps to its unknown token (scoring it would score [UNK])."""
+    vocab = _vocab_size(handle)
+    if any(t >= vocab for t in t_ids):
+        raise KneuronsError(f"target {target!r} has token ids outside the model's output vocabulary ({vocab})")
+    tok = handle.tokenizer
+    unk, unk_tok = getattr(tok, "unk_token_id", None), getattr(tok, "unk_token", None)
+    if unk is not None and unk in t_ids and (unk_tok or "") not in target:
+        raise KneuronsError(f"target {target!r} cannot be produced by the model: the tokenizer maps it to the "
+                            f"unknown token {unk_tok!r}")
 
 
 def _check_length(handle, prompt: str, n: int) -> None:

@@ -1,0 +1,510 @@
+"""Break-it suite: bad input to every command and to the Python API ends in ONE line naming the problem.
+
+Each CLI case runs ``kneurons.cli.main`` in-process on a tiny model saved to disk and checks: exit code 2, exactly
+one ``kneurons: error:`` line on stderr containing the expected fragment, no traceback anywhere, and no file
+created, changed or removed under the test's directory (the model, the input files and the working directory).
+Each API case checks a :class:`KneuronsError` whose one-line message contains the fragment. The process-level
+cases (invalid UTF-8 bytes in argv, Ctrl-C and SIGTERM at start-up and while computing) run the console script.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import handle_for, word_tokenizer
+from kneurons.cli import main
+from kneurons.errors import KneuronsError
+from tiny import tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ["the capital of france is ___ .", "france has its capital in ___", "the capital city of france is ___"]
+LONG = "the capital of france is " + "a " * 70 + "___"  # 74 tokens: the tiny models take 64 positions
+
+
+def _kn(neurons, n_layers=2, d_ff=48, name="model") -> dict:
+    return {"kind": "kneurons.KnowledgeNeurons", "method": "integrated_gradients", "target": "paris",
+            "prompts": PROMPTS, "neurons": neurons, "coarse": [neurons, neurons], "base_probs": [0.1, 0.1],
+            "params": {}, "model": {"name": name, "n_layers": n_layers, "d_ff": d_ff}, "version": "0.1.0",
+            "created": 0.0}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A tiny llama (causal) saved to disk, input files of every kind of bad, and a run directory."""
+    root = tmp_path_factory.mktemp("bad-inputs")
+    model = root / "model"
+    tiny_model("llama").save_pretrained(model)
+    word_tokenizer("causal").save_pretrained(model)
+    nan = tiny_model("llama")
+    with torch.no_grad():
+        nan.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    nan.save_pretrained(root / "nanmodel")
+    word_tokenizer("causal").save_pretrained(root / "nanmodel")
+    files = root / "files"
+    files.mkdir()
+    p = {"model": str(model), "files": str(files), "nanmodel": str(root / "nanmodel")}
+
+    def write(name, content):
+        path = files / name
+        path.write_text(content if isinstance(content, str) else json.dumps(content))
+        p[name.split(".")[0]] = str(path)
+
+    write("kn_good.json", _kn([[0, 3], [1, 4]]))
+    write("kn_disjoint.json", _kn([[0, 7]]))
+    write("kn_str.json", _kn([["x", 5]]))
+    write("kn_three.json", _kn([[1, 2, 3]]))
+    write("kn_abc.json", _kn("abc"))
+    write("kn_float.json", _kn([[29.7, 5.9]]))
+    write("kn_bool.json", _kn([[True, 5]]))
+    write("kn_range.json", _kn([[1, 99]]))
+    write("kn_shape.json", _kn([[0, 3]], n_layers=12, d_ff=3072, name="bert-base"))
+    write("kn_empty.json", _kn([]))
+    write("kn_kind.json", {"kind": "something else"})
+    write("kn_nokeys.json", {"kind": "kneurons.KnowledgeNeurons"})
+    write("corrupt.json", "{not json")
+    write("text.txt", "hello")
+    write("facts_bad.json", {"relations": []})
+    (files / "kn_dir.json").mkdir()
+    p["kn_dir"] = str(files / "kn_dir.json")
+    (files / "nonempty").mkdir()
+    (files / "nonempty" / "keep.txt").write_text("mine")
+    p["nonempty"] = str(files / "nonempty")
+    (files / "emptydir").mkdir()
+    p["emptydir"] = str(files / "emptydir")
+    (files / "noconfig").mkdir()
+    (files / "noconfig" / "weights.bin").write_text("x")
+    p["noconfig"] = str(files / "noconfig")
+
+    # PARAREL-layout data (a synthetic world: no training needed for refusals) and a run directory
+    from kneurons.experiments import RunStore
+    from kneurons.synthetic import make_world
+
+    make_world(n_subjects=6, n_objects=3, relations=["born_in", "speaks"], seed=0).to_pararel(root / "data")
+    p["data"] = str(root / "data")
+    run = root / "run"
+    with RunStore.open(run, {"model": str(model), "steps": 20}) as st:
+        st.put("assess", "born_in:0", "born_in", [{"fact_id": "born_in:0", "known": True}])
+    p["run"] = str(run)
+    badrun = root / "badrun"
+    RunStore.open(badrun, {"model": "m"}).close()
+    (badrun / "results.sqlite").write_bytes(b"this is not a database" * 200)
+    p["badrun"] = str(badrun)
+    badcfg = root / "badcfg"
+    RunStore.open(badcfg, {"model": "m"}).close()
+    (badcfg / "config.json").write_text("{not json")
+    p["badcfg"] = str(badcfg)
+    (root / "work").mkdir()
+    return root, p
+
+
+def _snapshot(root: Path) -> dict:
+    """Every file and directory under ``root`` with its size and modification time."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            st = path.lstat()
+            out[str(path.relative_to(root))] = (st.st_size if path.is_file() else -1, st.st_mtime_ns)
+    return out
+
+
+M = ["--model", "{model}"]
+F = "{files}"
+
+#: (case id, argv, fragment of the one error line)
+CLI_CASES = [
+    # predict
+    ("predict: no blank", ["predict", *M, "-t", "paris", "no blank here"], "no blank"),
+    ("predict: two blanks", ["predict", *M, "-t", "paris", "two ___ blanks ___"], "2 blanks"),
+    ("predict: blank mid-sentence (causal)", ["predict", *M, "-t", "paris", "the ___ is the capital ."],
+     "blank must end"),
+    ("predict: empty target", ["predict", *M, "-t", " ", PROMPTS[0]], "empty target"),
+    ("predict: empty prompt", ["predict", *M, "-t", "paris", ""], "empty prompt"),
+    ("predict: blank only", ["predict", *M, "-t", "paris", "___"], "needs text before the blank"),
+    ("predict: --top-k -1", ["predict", *M, "-t", "paris", "--top-k", "-1", PROMPTS[0]], "argument --top-k"),
+    ("predict: --top-k 0", ["predict", *M, "-t", "paris", "--top-k", "0", PROMPTS[0]], "argument --top-k"),
+    ("predict: --top-k abc", ["predict", *M, "-t", "paris", "--top-k", "abc", PROMPTS[0]], "expected an integer"),
+    ("predict: --top-k beyond the vocabulary", ["predict", *M, "-t", "paris", "--top-k", "100000", PROMPTS[0]],
+     "top_k must be an integer from 1 to the vocabulary size"),
+    ("predict: --device cuda without CUDA", ["predict", *M, "-t", "paris", "--device", "cuda", PROMPTS[0]],
+     "CUDA is not available"),
+    ("predict: --device cuda:7", ["predict", *M, "-t", "paris", "--device", "cuda:7", PROMPTS[0]],
+     "CUDA is not available"),
+    ("predict: --device bogus", ["predict", *M, "-t", "paris", "--device", "bogus", PROMPTS[0]], "unknown device"),
+    ("predict: --device meta", ["predict", *M, "-t", "paris", "--device", "meta", PROMPTS[0]], "holds no weights"),
+    ("predict: --device mps", ["predict", *M, "-t", "paris", "--device", "mps", PROMPTS[0]], "MPS is not available"),
+    ("predict: --dtype float8", ["predict", *M, "-t", "paris", "--dtype", "float8", PROMPTS[0]], "invalid choice"),
+    ("predict: model path missing", ["predict", "--model", "./nowhere/model", "-t", "x", "a ___"],
+     "model path does not exist"),
+    ("predict: model is a text file", ["predict", "--model", F + "/text.txt", "-t", "x", "a ___"], "not a GGUF file"),
+    ("predict: model dir without config", ["predict", "--model", "{noconfig}", "-t", "x", "a ___"],
+     "has no config.json"),
+    ("predict: unknown hub id offline", ["predict", "--model", "nobody/no-such-model", "-t", "x", "a ___"],
+     "the hub cannot be reached"),
+    ("predict: prompt longer than the context", ["predict", *M, "-t", "paris", LONG], "takes at most 64"),
+    ("predict: target the tokenizer cannot spell", ["predict", *M, "-t", "zanzibar", PROMPTS[0]],
+     "cannot be produced"),
+    ("predict: missing --target", ["predict", *M, PROMPTS[0]], "required: --target"),
+    ("predict: no prompt", ["predict", *M, "-t", "paris"], "required: prompts"),
+    ("predict: a model with NaN weights", ["predict", "--model", "{nanmodel}", "-t", "paris", PROMPTS[0]],
+     "not finite"),
+    ("predict: unknown option", ["predict", *M, "-t", "paris", "--bogus", PROMPTS[0]], "unrecognized arguments"),
+    ("no command", [], "required: command"),
+    ("unknown command", ["teleport"], "invalid choice"),
+    # facts
+    ("facts: facts file missing", ["facts", *M, "--facts", F + "/none.json"], "fact file not found"),
+    ("facts: facts file corrupt", ["facts", *M, "--facts", F + "/corrupt.json"], "invalid JSON"),
+    ("facts: facts file empty list", ["facts", *M, "--facts", F + "/facts_bad.json"], "'relations' must be"),
+    ("facts: unknown relation", ["facts", *M, "--relation", "teleports_to"], "unknown relation"),
+    ("facts: --device bogus", ["facts", *M, "--device", "gpu9"], "unknown device"),
+    # locate
+    ("locate: one prompt", ["locate", *M, "-t", "paris", PROMPTS[0]], "at least 2"),
+    ("locate: --steps 0", ["locate", *M, "-t", "paris", "--steps", "0", *PROMPTS], "argument --steps"),
+    ("locate: --steps 1e9", ["locate", *M, "-t", "paris", "--steps", "1000000000", *PROMPTS], "from 1 to 10000"),
+    ("locate: --steps 2.5", ["locate", *M, "-t", "paris", "--steps", "2.5", *PROMPTS], "expected an integer"),
+    ("locate: --threshold 1.5", ["locate", *M, "-t", "paris", "--threshold", "1.5", *PROMPTS], "argument --threshold"),
+    ("locate: --threshold 0", ["locate", *M, "-t", "paris", "--threshold", "0", *PROMPTS], "argument --threshold"),
+    ("locate: --threshold nan", ["locate", *M, "-t", "paris", "--threshold", "nan", *PROMPTS], "finite"),
+    ("locate: --p 0", ["locate", *M, "-t", "paris", "--p", "0", *PROMPTS], "argument --p"),
+    ("locate: --p 2", ["locate", *M, "-t", "paris", "--p", "2", *PROMPTS], "argument --p"),
+    ("locate: --min-prompts 0", ["locate", *M, "-t", "paris", "--min-prompts", "0", *PROMPTS],
+     "argument --min-prompts"),
+    ("locate: --min-prompts -5", ["locate", *M, "-t", "paris", "--min-prompts", "-5", *PROMPTS],
+     "argument --min-prompts"),
+    ("locate: --batch-size 0", ["locate", *M, "-t", "paris", "--batch-size", "0", *PROMPTS], "argument --batch-size"),
+    ("locate: --batch-size -3", ["locate", *M, "-t", "paris", "--batch-size", "-3", *PROMPTS],
+     "argument --batch-size"),
+    ("locate: --score bogus", ["locate", *M, "-t", "paris", "--score", "logit", *PROMPTS], "invalid choice"),
+    ("locate: --save into a missing directory", ["locate", *M, "-t", "paris", "--save", "/no/such/dir/kn.json",
+                                                 *PROMPTS], "directory does not exist"),
+    ("locate: --save onto an existing file", ["locate", *M, "-t", "paris", "--save", F + "/text.txt", *PROMPTS],
+     "exists"),
+    ("locate: one prompt without a blank", ["locate", *M, "-t", "paris", PROMPTS[0], "no blank"], "no blank"),
+    ("locate: one prompt with two blanks", ["locate", *M, "-t", "paris", PROMPTS[0], "a ___ b ___"], "2 blanks"),
+    ("locate: blank mid-sentence", ["locate", *M, "-t", "paris", PROMPTS[0], "the ___ is paris ."],
+     "blank must end"),
+    ("locate: empty target", ["locate", *M, "-t", "", *PROMPTS], "empty target"),
+    ("locate: prompt too long", ["locate", *M, "-t", "paris", PROMPTS[0], LONG], "takes at most 64"),
+    ("locate: --device cuda", ["locate", *M, "-t", "paris", "--device", "cuda", *PROMPTS], "CUDA is not available"),
+    # suppress / amplify
+    ("suppress: no target, no neurons", ["suppress", *M, "--steps", "2", "a b c ___", "b c d ___"], "no target"),
+    ("suppress: one prompt, no neurons", ["suppress", *M, "-t", "paris", PROMPTS[0]], "at least 2 paraphrase"),
+    ("suppress: neurons file missing", ["suppress", *M, "--neurons", F + "/none.json"], "does not exist"),
+    ("suppress: neurons file corrupt", ["suppress", *M, "--neurons", "{corrupt}"], "not a readable"),
+    ("suppress: neurons file of another kind", ["suppress", *M, "--neurons", "{kn_kind}"], "not a readable"),
+    ("suppress: neurons file without fields", ["suppress", *M, "--neurons", "{kn_nokeys}"], "missing field"),
+    ("suppress: neurons file is a directory", ["suppress", *M, "--neurons", "{kn_dir}"], "not a file"),
+    ("suppress: neuron entry ['x', 5]", ["suppress", *M, "--neurons", "{kn_str}"], "is not an integer"),
+    ("suppress: neuron entry [1, 2, 3]", ["suppress", *M, "--neurons", "{kn_three}"], "3 values"),
+    ("suppress: neurons 'abc'", ["suppress", *M, "--neurons", "{kn_abc}"], "must be a list"),
+    ("suppress: neuron entry [29.7, 5.9]", ["suppress", *M, "--neurons", "{kn_float}"], "29.7 is not an integer"),
+    ("suppress: neuron entry [true, 5]", ["suppress", *M, "--neurons", "{kn_bool}"], "True is not an integer"),
+    ("suppress: neuron out of range", ["suppress", *M, "--neurons", "{kn_range}"], "out of range"),
+    ("suppress: neurons of another model's shape", ["suppress", *M, "--neurons", "{kn_shape}"],
+     "were located on 'bert-base' (12 layers x 3072"),
+    ("suppress: empty neuron set", ["suppress", *M, "--neurons", "{kn_empty}"], "holds no knowledge neurons"),
+    ("suppress: control without a blank", ["suppress", *M, "--neurons", "{kn_good}", "--control", "italy", "rome"],
+     "no blank"),
+    ("suppress: control with an empty target", ["suppress", *M, "--neurons", "{kn_good}", "--control",
+                                               "the capital of italy is ___", " "], "empty target"),
+    ("suppress: --position middle", ["suppress", *M, "--neurons", "{kn_good}", "--position", "middle"],
+     "invalid choice"),
+    ("amplify: --factor nan", ["amplify", *M, "--neurons", "{kn_good}", "--factor", "nan"], "finite"),
+    ("amplify: --factor inf", ["amplify", *M, "--neurons", "{kn_good}", "--factor", "inf"], "finite"),
+    ("amplify: --factor abc", ["amplify", *M, "--neurons", "{kn_good}", "--factor", "abc"], "expected a number"),
+    ("amplify: neurons of another shape", ["amplify", *M, "--neurons", "{kn_shape}"], "were located on"),
+    ("amplify: one prompt, no neurons", ["amplify", *M, "-t", "paris", PROMPTS[0]], "at least 2 paraphrase"),
+    # update
+    ("update: missing --new", ["update", *M, "--neurons", "{kn_good}"], "required: --new"),
+    ("update: empty --new", ["update", *M, "--neurons", "{kn_good}", "--new", " "], "empty new answer"),
+    ("update: --new equals the old answer", ["update", *M, "--neurons", "{kn_good}", "--new", "paris"],
+     "equals the old one"),
+    ("update: --lambda2 nan", ["update", *M, "--neurons", "{kn_good}", "--new", "berlin", "--lambda2", "nan"],
+     "finite"),
+    ("update: --lambda1 inf", ["update", *M, "--neurons", "{kn_good}", "--new", "berlin", "--lambda1", "inf"],
+     "finite"),
+    ("update: a model with NaN weights", ["update", "--model", "{nanmodel}", "--neurons", "{kn_good}", "--new",
+                                          "berlin"], "not finite"),
+    ("update: --space sideways", ["update", *M, "--neurons", "{kn_good}", "--new", "berlin", "--space", "sideways"],
+     "invalid choice"),
+    ("update: --save-model onto a non-empty directory", ["update", *M, "--neurons", "{kn_good}", "--new", "berlin",
+                                                         "--save-model", "{nonempty}"], "not empty"),
+    ("update: --save-model below a missing directory", ["update", *M, "--neurons", "{kn_good}", "--new", "berlin",
+                                                        "--save-model", "/no/such/dir/edited"],
+     "directory does not exist"),
+    ("update: new answer the tokenizer cannot spell", ["update", *M, "--neurons", "{kn_good}", "--new", "zanzibar"],
+     "cannot be produced"),
+    ("update: neurons file with float ids", ["update", *M, "--neurons", "{kn_float}", "--new", "berlin"],
+     "not an integer"),
+    ("update: neurons of another shape", ["update", *M, "--neurons", "{kn_shape}", "--new", "berlin"],
+     "were located on"),
+    # erase
+    ("erase: unknown relation", ["erase", *M, "--relation", "teleports_to"], "unknown relation"),
+    ("erase: --facts-per-relation -1", ["erase", *M, "--relation", "capital_of", "--facts-per-relation", "-1"],
+     "argument --facts-per-relation"),
+    ("erase: --facts-per-relation 0", ["erase", *M, "--relation", "capital_of", "--facts-per-relation", "0"],
+     "argument --facts-per-relation"),
+    ("erase: --min-facts -3", ["erase", *M, "--relation", "capital_of", "--min-facts", "-3"], "argument --min-facts"),
+    ("erase: --top-k 0", ["erase", *M, "--relation", "capital_of", "--top-k", "0"], "argument --top-k"),
+    ("erase: --mode bogus", ["erase", *M, "--relation", "capital_of", "--mode", "shred"], "invalid choice"),
+    ("erase: neurons of another shape", ["erase", *M, "--relation", "capital_of", "--neurons", "{kn_shape}"],
+     "were located on"),
+    ("erase: neurons file missing", ["erase", *M, "--relation", "capital_of", "--neurons", F + "/none.json"],
+     "does not exist"),
+    ("erase: neurons with float ids", ["erase", *M, "--relation", "capital_of", "--neurons", "{kn_float}"],
+     "not an integer"),
+    ("erase: neurons out of range", ["erase", *M, "--relation", "capital_of", "--neurons", "{kn_range}"],
+     "out of range"),
+    ("erase: no neuron shared", ["erase", *M, "--relation", "capital_of", "--neurons", "{kn_good}", "{kn_disjoint}",
+                                 "--min-facts", "2"], "no neuron is shared"),
+    ("erase: --save-model onto a non-empty directory", ["erase", *M, "--relation", "capital_of", "--neurons",
+                                                        "{kn_good}", "--save-model", "{nonempty}"], "not empty"),
+    ("erase: facts file corrupt", ["erase", *M, "--relation", "capital_of", "--facts", "{corrupt}"], "invalid JSON"),
+    # run (refused before anything is written)
+    ("run: unknown experiment", ["run", *M, "--data", "{data}", "--out", "{cwd}/r", "--experiments", "assess",
+                                 "dance"], "unknown experiment"),
+    ("run: --p 1.5", ["run", *M, "--data", "{data}", "--out", "{cwd}/r", "--p", "1.5"], "argument --p"),
+    ("run: --threshold 0", ["run", *M, "--data", "{data}", "--out", "{cwd}/r", "--threshold", "0"],
+     "argument --threshold"),
+    ("run: --max-prompts 1", ["run", *M, "--data", "{data}", "--out", "{cwd}/r", "--max-prompts", "1"],
+     "argument --max-prompts"),
+    ("run: --batch-size -3", ["run", *M, "--data", "{data}", "--out", "{cwd}/r", "--batch-size", "-3"],
+     "argument --batch-size"),
+    ("run: --known-rank 0", ["run", *M, "--data", "{data}", "--out", "{cwd}/r", "--known-rank", "0"],
+     "argument --known-rank"),
+    ("run: --steps 0", ["run", *M, "--data", "{data}", "--out", "{cwd}/r", "--steps", "0"], "argument --steps"),
+    ("run: --lambda2 nan", ["run", *M, "--data", "{data}", "--out", "{cwd}/r", "--lambda2", "nan"], "finite"),
+    ("run: --known-fraction 1", ["run", *M, "--data", "{data}", "--out", "{cwd}/r", "--known-fraction", "1"],
+     "known_fraction must be in [0, 1)"),
+    ("run: --update-drop-shared -1", ["run", *M, "--data", "{data}", "--out", "{cwd}/r", "--update-drop-shared",
+                                      "-1"], "argument --update-drop-shared"),
+    ("run: --erase-top-k -5", ["run", *M, "--data", "{data}", "--out", "{cwd}/r", "--erase-top-k", "-5"],
+     "argument --erase-top-k"),
+    ("run: --max-candidates 0", ["run", *M, "--data", "{data}", "--out", "{cwd}/r", "--max-candidates", "0"],
+     "argument --max-candidates"),
+    ("run: --max-candidates below --facts-per-relation", ["run", *M, "--data", "{data}", "--out", "{cwd}/r",
+                                                          "--max-candidates", "3"], "max_candidates must be >="),
+    ("run: --facts-per-relation 0", ["run", *M, "--data", "{data}", "--out", "{cwd}/r", "--facts-per-relation",
+                                     "0"], "argument --facts-per-relation"),
+    ("run: --bingrel-sentences 0", ["run", *M, "--data", "{data}", "--out", "{cwd}/r", "--bingrel-sentences", "0"],
+     "argument --bingrel-sentences"),
+    ("run: --max-tokens 1", ["run", *M, "--data", "{data}", "--out", "{cwd}/r", "--max-tokens", "1"],
+     "argument --max-tokens"),
+    ("run: --erase-min-facts 0", ["run", *M, "--data", "{data}", "--out", "{cwd}/r", "--erase-min-facts", "0"],
+     "argument --erase-min-facts"),
+    ("run: --known-among vibes", ["run", *M, "--data", "{data}", "--out", "{cwd}/r", "--known-among", "vibes"],
+     "invalid choice"),
+    ("run: --device bogus", ["run", *M, "--data", "{data}", "--out", "{cwd}/r", "--device", "bogus"],
+     "unknown device"),
+    ("run: --data missing", ["run", *M, "--data", "{cwd}/nope", "--out", "{cwd}/r"], "data directory not found"),
+    ("run: --data without PARAREL", ["run", *M, "--data", "{emptydir}", "--out", "{cwd}/r"],
+     "neither pararel/query_pairs.json"),
+    ("run: --out is a file", ["run", *M, "--data", "{data}", "--out", F + "/text.txt"], "is a file"),
+    ("run: --out is a foreign directory", ["run", *M, "--data", "{data}", "--out", "{nonempty}"],
+     "not empty and is not a kneurons run"),
+    ("run: --out holds another configuration", ["run", *M, "--data", "{data}", "--out", "{run}"],
+     "different configuration"),
+    ("run: --out holds a corrupt database", ["run", *M, "--data", "{data}", "--out", "{badrun}"],
+     "corrupt results database"),
+    # export
+    ("export: run directory missing", ["export", "{cwd}/nope"], "does not exist"),
+    ("export: not a run directory", ["export", "{emptydir}"], "not a kneurons run directory"),
+    ("export: --format xlsx", ["export", "{run}", "--format", "xlsx"], "invalid choice"),
+    ("export: --out is a file", ["export", "{run}", "--out", F + "/text.txt", "--format", "csv"], "is a file"),
+    ("export: --out not empty", ["export", "{run}", "--out", "{nonempty}", "--format", "csv"], "not empty"),
+    ("export: corrupt database", ["export", "{badrun}", "--out", "{cwd}/x"], "corrupt results database"),
+    ("export: corrupt configuration", ["export", "{badcfg}", "--out", "{cwd}/x"], "corrupt run configuration"),
+    # report
+    ("report: run directory missing", ["report", "{cwd}/nope"], "does not exist"),
+    ("report: not a run directory", ["report", "{emptydir}"], "not a kneurons run directory"),
+    ("report: corrupt database", ["report", "{badrun}", "--out", "{cwd}/rep"], "corrupt results database"),
+    ("report: corrupt configuration", ["report", "{badcfg}", "--out", "{cwd}/rep"], "corrupt run configuration"),
+    # demo
+    ("demo: --prompts -1", ["demo", *M, "--prompts", "-1"], "argument --prompts"),
+    ("demo: --prompts 1", ["demo", *M, "--prompts", "1"], "argument --prompts"),
+    ("demo: --steps 0", ["demo", *M, "--steps", "0"], "argument --steps"),
+    ("demo: --batch-size 0", ["demo", *M, "--batch-size", "0"], "argument --batch-size"),
+    ("demo: --device bogus", ["demo", *M, "--device", "bogus"], "unknown device"),
+    ("demo: a model that knows no built-in fact", ["demo", *M], "knows none of the built-in facts"),
+    # arguments that are not text
+    ("invalid UTF-8 in an argument", ["predict", *M, "-t", "paris", "caf\udce9 ___"], "not valid UTF-8"),
+]
+
+
+@pytest.mark.parametrize("argv, fragment", [c[1:] for c in CLI_CASES], ids=[c[0] for c in CLI_CASES])
+def test_cli_bad_input_is_one_line_and_writes_nothing(env, argv, fragment, capsys, monkeypatch, tmp_path):
+    root, paths = env
+    cwd = root / "work" / tmp_path.name
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    argv = [a.format(**paths, cwd=cwd) for a in argv]
+    before = _snapshot(root)
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err, err
+    errors = [line for line in err.splitlines() if line.startswith("kneurons: error:")]
+    assert code == 2, (code, err)
+    assert len(errors) == 1 and fragment in errors[0], err
+    assert not [line for line in err.splitlines() if line and not line.startswith(("kneurons:", "model: "))], err
+    assert _snapshot(root) == before  # nothing created, changed or removed
+
+
+def test_enough_cases():
+    commands = {c[1][0] for c in CLI_CASES if c[1]}
+    assert {"predict", "facts", "locate", "suppress", "amplify", "update", "erase", "run", "export", "report",
+            "demo"} <= commands
+    assert len(CLI_CASES) + len(API_CASES) >= 100
+
+
+# ------------------------------------------------------------------------------------------------- Python API
+
+def _h():
+    return handle_for("llama", dtype=torch.float64)
+
+
+def _nan_weights(h):
+    with torch.no_grad():
+        h.arch.ffn_out[0].weight[0, 0] = float("nan")
+    return h
+
+
+API_CASES = [
+    ("assess top_k=0", lambda k: k.assess(_h(), PROMPTS[0], "paris", top_k=0), "top_k must be"),
+    ("assess top_k beyond the vocabulary", lambda k: k.assess(_h(), PROMPTS[0], "paris", top_k=10 ** 6),
+     "top_k must be"),
+    ("assess batch_size=0", lambda k: k.assess(_h(), PROMPTS[0], "paris", batch_size=0), "batch_size must be"),
+    ("assess prompts and targets of different lengths", lambda k: k.assess(_h(), PROMPTS, ["paris", "rome"]),
+     "3 prompts but 2 targets"),
+    ("assess NaN weights", lambda k: k.assess(_nan_weights(_h()), PROMPTS[0], "paris"), "not finite"),
+    ("assess a target the tokenizer cannot spell", lambda k: k.assess(_h(), PROMPTS[0], "zanzibar"),
+     "cannot be produced"),
+    ("encode a prompt longer than the context", lambda k: k.encode(_h(), LONG, "paris"), "takes at most 64"),
+    ("encode no blank", lambda k: k.encode(_h(), "no blank", "paris"), "no blank"),
+    ("encode empty target", lambda k: k.encode(_h(), PROMPTS[0], ""), "empty target"),
+    ("integrated_gradients steps=0", lambda k: k.integrated_gradients(_h(), PROMPTS[0], "paris", steps=0), "steps"),
+    ("integrated_gradients bad score", lambda k: k.integrated_gradients(_h(), PROMPTS[0], "paris", score="logit"),
+     "score"),
+    ("locate one prompt", lambda k: k.locate(_h(), PROMPTS[:1], "paris"), "at least 2"),
+    ("locate threshold 1.5", lambda k: k.locate(_h(), PROMPTS, "paris", threshold=1.5), "threshold"),
+    ("locate two targets", lambda k: k.locate(_h(), PROMPTS[:2], ["paris", "rome"]), "different facts"),
+    ("suppress float ids", lambda k: k.suppress(_h(), [(1.5, 2)]), "not an integer"),
+    ("suppress bool ids", lambda k: k.suppress(_h(), [(True, 1)]), "not an integer"),
+    ("suppress three numbers", lambda k: k.suppress(_h(), [(0, 1, 2)]), "3 values"),
+    ("suppress a string", lambda k: k.suppress(_h(), "abc"), "must be a list"),
+    ("suppress out of range", lambda k: k.suppress(_h(), [(99, 0)]), "out of range"),
+    ("suppress empty", lambda k: k.suppress(_h(), []), "empty neuron set"),
+    ("amplify factor nan", lambda k: k.amplify(_h(), [(0, 1)], factor=math.nan), "finite"),
+    ("measure_intervention position", lambda k: k.measure_intervention(_h(), [(0, 1)], PROMPTS, "paris",
+                                                                       position="middle"), "position"),
+    ("update_fact same target", lambda k: k.update_fact(_h(), [(0, 1)], "paris", " paris "), "equals the old"),
+    ("update_fact lambda nan", lambda k: k.update_fact(_h(), [(0, 1)], "paris", "berlin", lambda2=math.nan),
+     "finite"),
+    ("erase_relation mode", lambda k: k.erase_relation(_h(), [[(0, 1)]], min_facts=1, mode="shred"), "mode"),
+    ("erase_relation min_facts -3", lambda k: k.erase_relation(_h(), [[(0, 1)]], min_facts=-3), "min_facts"),
+    ("erase_relation float ids", lambda k: k.erase_relation(_h(), [[(0.5, 1)]], min_facts=1), "not an integer"),
+    ("random_neurons count 0", lambda k: k.random_neurons(_h(), 0), "count must be"),
+    ("load_model missing path", lambda k: k.load_model("./nowhere/model"), "does not exist"),
+    ("load_model dtype", lambda k: k.load_model("./nowhere", dtype="float8"), "unknown dtype"),
+    ("load_model device meta", lambda k: k.load_model("./nowhere", device="meta"), "holds no weights"),
+    ("KnowledgeNeurons.load missing", lambda k: k.KnowledgeNeurons.load("./nowhere.json"), "does not exist"),
+    ("Attribution.load missing", lambda k: k.Attribution.load("./nowhere.safetensors"), "does not exist"),
+    ("register_architecture kind", lambda k: k.register_architecture("x", kind="both", layers="l", ffn_out="f"),
+     "kind must be"),
+]
+
+
+@pytest.mark.parametrize("call, fragment", [c[1:] for c in API_CASES], ids=[c[0] for c in API_CASES])
+def test_api_bad_input_is_one_line(call, fragment):
+    import kneurons
+
+    with pytest.raises(KneuronsError) as exc:
+        call(kneurons)
+    msg = str(exc.value)
+    assert fragment in msg and "\n" not in msg
+
+
+def test_edit_revert_twice_and_out_of_order_overlap():
+    from kneurons import erase_relation, update_fact
+
+    h = _h()
+    e1 = update_fact(h, [(0, 4)], "paris", "berlin", prompt=PROMPTS[0])
+    e2 = erase_relation(h, [[(0, 4)]], min_facts=1)
+    with pytest.raises(KneuronsError, match="reverse order"):
+        e1.revert()
+    e2.revert()
+    e1.revert()
+    with pytest.raises(KneuronsError, match="already reverted"):
+        e1.revert()
+
+
+# ------------------------------------------------------------------------------------------- process level
+
+def _console(*args) -> list[str]:
+    return [os.path.join(os.path.dirname(sys.executable), "kneurons"), *args]
+
+
+def test_invalid_utf8_bytes_in_argv(env):
+    _, paths = env
+    p = subprocess.run([os.fsencode(a) for a in _console("predict", "--model", paths["model"], "-t", "paris")]
+                       + [b"caf\xe9 ___"], capture_output=True, text=True)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith("kneurons: error: argument is not valid UTF-8")
+
+
+@pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+@pytest.mark.parametrize("delay", [0.3, 1.5, 4.0])  # imports, model loading, integrated gradients
+def test_interrupt_at_start_up_or_while_computing(env, tmp_path, sig, code, word, delay):
+    _, paths = env
+    save = tmp_path / "kn.json"
+    proc = subprocess.Popen(_console("locate", "--model", paths["model"], "-t", "paris", "--steps", "10000",
+                                     "--save", str(save), *PROMPTS), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    time.sleep(delay)
+    assert proc.poll() is None, "the command ended before the signal"
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == f"kneurons: {word}"
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+def test_warnings_are_one_line_and_the_command_goes_on(env, capsys, tmp_path):
+    """A neurons file from another model of the same shape is used with a one-line warning naming both models;
+    an absurd amplify factor is allowed with a warning saying what it does."""
+    root, paths = env
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(_kn([[0, 3], [1, 4]], name="some-other-model")))
+    code = main(["amplify", "--model", paths["model"], "--neurons", str(other), "--factor", "1e30"])
+    err = capsys.readouterr().err
+    warns = [line for line in err.splitlines() if line.startswith("kneurons: warning:")]
+    assert code == 0 and "Traceback" not in err
+    assert any("'some-other-model'" in w and "'model'" in w for w in warns)
+    assert any("more than 100" in w for w in warns)
+
+
+def test_a_flat_distribution_ranks_the_target_last_not_first():
+    """Ties count against the target: with every logit equal nothing is top-1 (the old rule ranked it 1)."""
+    from kneurons import assess
+    from kneurons.interventions import success
+
+    h = _h()
+    with torch.no_grad():
+        h.model.lm_head.weight.zero_()
+    a = assess(h, PROMPTS[0], "paris")[0]
+    vocab = h.model.lm_head.weight.shape[0]
+    assert a.rank == vocab and not a.correct
+    assert a.prob == pytest.approx(1 / vocab)
+    assert success(h, PROMPTS[:1], "paris", k=1) == 0.0
+    res = assess(h, PROMPTS[0], "paris", candidates=["paris", "berlin", "rome"])[0]
+    assert res.candidate_rank == 3  # tied with both other candidates
