@@ -5,6 +5,10 @@ amplify — goes through :func:`ffn_hooks`, which installs one forward pre-hook 
 projection and calls ``fn(layer, x)`` with the projection's input ``x`` (``[batch, seq, d_ff]``). ``fn`` returns
 a replacement tensor or ``None`` (leave unchanged). Hooks are always removed on exit, also on error.
 
+Interventions at the *blank* position (:func:`register_blank_hook`) need each batch row's blank, which only a
+kneurons scoring function knows: it passes the positions explicitly for its forward pass (:func:`at_blanks`).
+Registrations are kept per model, so every handle of a model sees them.
+
 :func:`replay_layers` is the one compute shortcut: blocks below a patched layer are identical for every row of
 a batch, so their outputs are replayed from a cached clean run instead of recomputed. :func:`head_inputs` lets
 the attribution engine score the LM head itself (a fused, vocabulary-chunked log-probability) instead of the
@@ -14,7 +18,8 @@ model materialising full logits.
 from __future__ import annotations
 
 import contextlib
-import contextvars
+import weakref
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
@@ -24,19 +29,69 @@ from .errors import KneuronsError
 
 HookFn = Callable[[int, torch.Tensor], "torch.Tensor | None"]
 
-# The blank position of each row of the batch being scored, published by kneurons' scoring functions
-# (assess, measure_intervention) for interventions with position="blank".
-BLANKS: contextvars.ContextVar["torch.Tensor | None"] = contextvars.ContextVar("kneurons_blanks", default=None)
+BlankFn = Callable[[int, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
+
+
+@dataclass(eq=False)
+class BlankHook:
+    """``fn(layer, x, blanks)`` on the FFN inputs of ``layers``, acting at one (blank) position per batch row."""
+
+    arch: ResolvedArch
+    layers: list[int]
+    fn: BlankFn
+    installed: object = None  # the ffn_hooks context in place now: the guard, or fn bound to a batch's blanks
+
+    def install(self, fn: HookFn) -> None:
+        if self.installed is not None:
+            self.installed.__exit__(None, None, None)
+        self.installed = ffn_hooks(self.arch, fn, self.layers)
+        self.installed.__enter__()
+
+    def remove(self) -> None:
+        if self.installed is not None:
+            self.installed.__exit__(None, None, None)
+            self.installed = None
+
+
+#: the blank-position hooks registered on each model (every handle of a model sees them), oldest first
+_BLANK_HOOKS: "weakref.WeakKeyDictionary[torch.nn.Module, list[BlankHook]]" = weakref.WeakKeyDictionary()
+
+
+def _guard(layer: int, x: torch.Tensor):
+    raise KneuronsError("position='blank' needs a kneurons scoring function (kneurons.assess, measure_intervention) "
+                        "to say where the blank is; use position='all' for your own forward passes")
+
+
+def register_blank_hook(arch: ResolvedArch, model: torch.nn.Module, layers: Iterable[int], fn: BlankFn) -> BlankHook:
+    """Register ``fn`` to act at the blank positions of every kneurons scoring call on ``model`` until
+    :func:`unregister_blank_hook`. Meanwhile any other forward pass of the model is refused (a guard hook): the
+    model alone cannot say where the blank is."""
+    hook = BlankHook(arch, sorted(set(int(l) for l in layers)), fn)
+    hook.install(_guard)
+    _BLANK_HOOKS.setdefault(model, []).append(hook)
+    return hook
+
+
+def unregister_blank_hook(model: torch.nn.Module, hook: BlankHook) -> None:
+    hook.remove()
+    hooks = _BLANK_HOOKS.get(model, [])
+    if hook in hooks:
+        hooks.remove(hook)
 
 
 @contextlib.contextmanager
-def blank_positions(positions: torch.Tensor):
-    """Publish the blank position of each batch row while a kneurons scoring function runs the model."""
-    token = BLANKS.set(positions)
+def at_blanks(model: torch.nn.Module, blanks: torch.Tensor):
+    """For the forward passes inside: the blank-position hooks registered on ``model`` act at ``blanks`` (one
+    position per batch row, passed explicitly by the scoring function), in place of their guards."""
+    swapped = []
     try:
+        for hook in list(_BLANK_HOOKS.get(model, ())):
+            hook.install(lambda layer, x, _fn=hook.fn: _fn(layer, x, blanks))
+            swapped.append(hook)
         yield
     finally:
-        BLANKS.reset(token)
+        for hook in swapped:
+            hook.install(_guard)
 
 
 @contextlib.contextmanager

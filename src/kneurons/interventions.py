@@ -53,10 +53,9 @@ from typing import Iterable, Sequence
 import torch
 
 from .errors import KneuronsError
-from .hooks import ffn_hooks
+from .hooks import ffn_hooks, register_blank_hook, unregister_blank_hook
 from .prompts import assess, encode
 
-from .hooks import BLANKS as _BLANKS  # noqa: E402
 from .neurons import Neuron, as_neurons, check_neurons  # noqa: E402
 
 
@@ -65,10 +64,15 @@ def _neurons(handle, neurons) -> list[Neuron]:
 
 
 class Intervention:
-    """Multiply the activations of ``neurons`` by ``factor`` while active (a context manager)."""
+    """Multiply the activations of ``neurons`` by ``factor`` while active (a context manager).
+
+    ``position="all"``: at every position of every forward pass of the model. ``position="blank"``: at the blank
+    of each prompt, which only a kneurons scoring function (:func:`kneurons.assess`, :func:`measure_intervention`)
+    knows: it passes each batch's blank positions to the intervention explicitly
+    (:func:`kneurons.hooks.at_blanks`); any other forward pass of the model is refused while it is active."""
 
     def __init__(self, handle, neurons, factor: float, position: str = "blank"):
-        if not isinstance(factor, numbers.Real) or not math.isfinite(float(factor)):
+        if isinstance(factor, bool) or not isinstance(factor, numbers.Real) or not math.isfinite(float(factor)):
             raise KneuronsError(f"factor must be a finite number, got {factor!r}")
         if position not in ("blank", "all"):
             raise KneuronsError(f"position must be 'blank' or 'all', got {position!r}")
@@ -80,19 +84,16 @@ class Intervention:
         for l, i in self.neurons:
             by_layer.setdefault(l, []).append(i)
         self._by_layer = {l: torch.tensor(ix) for l, ix in by_layer.items()}
-        self._ctx = None
+        self._active = None  # the installed hooks while active
 
-    def _hook(self, layer: int, x: torch.Tensor):
+    def apply(self, layer: int, x: torch.Tensor, blanks: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` (``[batch, positions, d_ff]``, layer ``layer``) with the neurons scaled at every position
+        (``blanks=None``) or at one position per row."""
         idx = self._by_layer[layer].to(x.device)
         x = x.clone()
-        if self.position == "all":
+        if blanks is None:
             x[..., idx] = x[..., idx] * self.factor
             return x
-        blanks = _BLANKS.get()
-        if blanks is None:
-            raise KneuronsError("position='blank' needs a kneurons scoring function (kneurons.assess, "
-                                "measure_intervention) to say where the blank is; use position='all' for your own "
-                                "forward passes")
         rows = torch.arange(x.shape[0], device=x.device)
         b = blanks.to(x.device)
         if b.shape[0] != x.shape[0]:
@@ -104,18 +105,27 @@ class Intervention:
 
     @property
     def active(self) -> bool:
-        return self._ctx is not None
+        return self._active is not None
 
     def __enter__(self):
-        if self._ctx is not None:
+        if self._active is not None:
             raise KneuronsError("this intervention is already active (it cannot be entered twice)")
-        self._ctx = ffn_hooks(self.handle.arch, self._hook, self._by_layer.keys())
-        self._ctx.__enter__()
+        if self.position == "all":
+            ctx = ffn_hooks(self.handle.arch, self.apply, self._by_layer.keys())
+            ctx.__enter__()
+            self._active = ("all", ctx)
+        else:
+            self._active = ("blank", register_blank_hook(self.handle.arch, self.handle.model, self._by_layer.keys(),
+                                                         self.apply))
         return self
 
     def __exit__(self, *exc):
-        ctx, self._ctx = self._ctx, None
-        return ctx.__exit__(*exc)
+        kind, what = self._active
+        self._active = None
+        if kind == "all":
+            return what.__exit__(*exc)
+        unregister_blank_hook(self.handle.model, what)
+        return False
 
 
 def suppress(handle, neurons, position: str = "blank") -> Intervention:

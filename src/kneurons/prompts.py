@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .errors import KneuronsError
+from .hooks import at_blanks
 
 BLANKS = ("[MASK]", "[Y]", "___")
 _BLANK_RE = re.compile(r"\[MASK\]|\[Y\]|_{3,}")
@@ -234,9 +235,7 @@ def assess(handle, prompts, targets, top_k: int = 5, batch_size: int = 32, candi
     for start in range(0, len(encs), batch_size):
         chunk = encs[start: start + batch_size]
         ids, mask = pad_batch(chunk, pad_id(tok), handle.device)
-        from .hooks import blank_positions
-
-        with torch.inference_mode(), blank_positions(torch.tensor([e.blank for e in chunk])):
+        with torch.inference_mode(), at_blanks(handle.model, torch.tensor([e.blank for e in chunk])):
             logits = _scored_logits(handle, ids, mask, chunk)  # [rows, target tokens, vocab]
         for r, e in enumerate(chunk):
             logp = torch.log_softmax(logits[r, : len(e.target_ids)].double(), dim=-1)
@@ -244,7 +243,7 @@ def assess(handle, prompts, targets, top_k: int = 5, batch_size: int = 32, candi
                 # some attention implementations turn padding into NaN that leaks into real positions (e.g.
                 # eager Gemma-2 with a sliding window): score this row alone, without padding
                 one, one_mask = pad_batch([e], pad_id(tok), handle.device)
-                with torch.inference_mode(), blank_positions(torch.tensor([e.blank])):
+                with torch.inference_mode(), at_blanks(handle.model, torch.tensor([e.blank])):
                     logp = torch.log_softmax(_scored_logits(handle, one, one_mask, [e])[0].double(), dim=-1)
             if torch.isnan(logp).any():  # NaN logits, or +inf (log-softmax of +inf is NaN)
                 raise KneuronsError(
