@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from kneurons.data import Fact, FactSet, Relation
-from kneurons.data.pararel import (BingRelBags, EditCase, Pararel, load_bingrel, load_counterfact, load_pararel,
-                                   load_zsre)
+from kneurons.data.bingrel import BingRelBags, load_bingrel
+from kneurons.data.editing import EditCase, load_counterfact, load_zsre
+from kneurons.data.pararel import Pararel, load_pararel
 from kneurons.errors import KneuronsError
 from kneurons.prompts import parse_cloze
 

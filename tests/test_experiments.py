@@ -374,7 +374,8 @@ def test_knowledge_neuron_edits_scored_like_other_editors(synthetic_run, tmp_pat
     bit-identical afterwards. Locality (neighbour = another subject, same relation and template) is poor —
     measured 0.25 vs 1.0 for the control: the neurons carry the relation, and λ2 = 8 rewrites it."""
     from kneurons import load_model
-    from kneurons.data.pararel import load_counterfact, load_pararel
+    from kneurons.data.editing import load_counterfact
+    from kneurons.data.pararel import load_pararel
     from kneurons.experiments.editing import evaluate_edits
     from kneurons.interventions import weights_digest
 

@@ -82,7 +82,7 @@ def _position_stats(handle, texts, neurons, max_tokens: int, batch_size: int) ->
 
 def bag_activations(handle, item: FactItem, neurons, bags, all_bags: list, fact_index: int, seed: int = 0,
                     n_sentences: int = 10, max_tokens: int = 128) -> list[dict]:
-    """Rows per bag for one fact. ``bags``: this fact's :class:`~kneurons.data.pararel.BingRelBags`;
+    """Rows per bag for one fact. ``bags``: this fact's :class:`~kneurons.data.bingrel.BingRelBags`;
     ``all_bags``: the relation's (for the random bag); ``fact_index``: this fact's index in it."""
     rng = rng_for(seed, "bingrel", item.fact_id)
     others = [s for j, b in enumerate(all_bags) if j != fact_index for s in b.th_bags]

@@ -1,6 +1,6 @@
 """Knowledge-neuron edits scored on model-editing benchmarks (CounterFact, zsRE), as other editors are scored.
 
-Per :class:`~kneurons.data.pararel.EditCase`: the knowledge neurons of the fact (subject, edit prompt, true
+Per :class:`~kneurons.data.editing.EditCase`: the knowledge neurons of the fact (subject, edit prompt, true
 answer) are located from the edit prompt and its rephrasings — all with ``target_true``, at least 2 prompts —
 then :func:`kneurons.update_fact` rewrites ``target_true`` → ``target_new`` in their value slots, the metrics are
 read, and the edit is reverted. Metrics (each over the case's prompts of that kind):

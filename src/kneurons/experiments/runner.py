@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Callable
 
 from .. import __version__
-from ..data.pararel import Pararel, load_bingrel, load_pararel, bingrel_filename
+from ..data.bingrel import bingrel_filename, load_bingrel
+from ..data.pararel import Pararel, load_pararel
 from ..errors import KneuronsError
 from ..interventions import SPACES, weights_digest
 from ..neurons import random_neurons
