@@ -54,7 +54,7 @@ import torch
 
 from .errors import KneuronsError
 from .hooks import ffn_hooks, register_blank_hook, unregister_blank_hook
-from .prompts import assess, encode
+from .prompts import assess, encode, perplexity_of
 
 from .neurons import Neuron, as_neurons, check_neurons  # noqa: E402
 
@@ -586,8 +586,8 @@ def perplexity(handle, prompts: Sequence[str], targets, batch_size: int = 32) ->
     """exp of the mean −log p(gold) over prompts (the paper's intra/inter-relation perplexity)."""
     if not prompts:
         return float("nan")
-    res = assess(handle, list(prompts), targets if isinstance(targets, str) else list(targets), batch_size=batch_size)
-    return math.exp(-sum(a.logprob for a in res) / len(res))
+    return perplexity_of(assess(handle, list(prompts), targets if isinstance(targets, str) else list(targets),
+                                batch_size=batch_size))
 
 
 def accuracy(handle, prompts: Sequence[str], targets, batch_size: int = 32) -> float:

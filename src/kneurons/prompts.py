@@ -282,6 +282,13 @@ def _vocab_size(handle) -> int:
     return int(getattr(handle.model.config, "vocab_size", None) or len(handle.tokenizer))
 
 
+def perplexity_of(assessments) -> float:
+    """exp of the mean −log p(target) over assessments: the paper's intra/inter-relation perplexity (NaN for none).
+    The one perplexity of the package: :func:`kneurons.interventions.perplexity` and the experiments use it."""
+    res = list(assessments)
+    return math.exp(-sum(a.logprob for a in res) / len(res)) if res else float("nan")
+
+
 def _scored_logits(handle, ids: torch.Tensor, mask: torch.Tensor, chunk: list[Encoded]) -> torch.Tensor:
     """Logits at each row's scored positions, ``[rows, max target tokens, vocab]``.
 

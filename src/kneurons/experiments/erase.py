@@ -10,11 +10,10 @@ relation +36.7% to +141.2%, on other relations +1.1% to +10.1%.
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 
 from ..interventions import erase_relation, shared_neurons
-from ..prompts import assess
+from ..prompts import assess, perplexity_of
 from .assess import is_right
 
 
@@ -26,8 +25,7 @@ def measure(handle, items: list[tuple[str, str, list[str] | None]], known_rank: 
     cands = [c for _, _, c in items] if known_among == "candidates" else None
     res = assess(handle, [p for p, _, _ in items], [t for _, t, _ in items], batch_size=batch_size,
                  candidates=cands)
-    ppl = math.exp(-sum(a.logprob for a in res) / len(res))
-    return ppl, sum(is_right(a, known_rank, known_among) for a in res) / len(res)
+    return perplexity_of(res), sum(is_right(a, known_rank, known_among) for a in res) / len(res)
 
 
 def erase_experiment(handle, neuron_sets: list[list], erased: list[tuple[str, str, list[str] | None]],

@@ -11,11 +11,10 @@ inter-relation perplexity +7.2 (random +4.3).
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 
 from ..interventions import target_vectors, update_fact
-from ..prompts import assess
+from ..prompts import assess, perplexity_of
 from .common import FactItem, mean
 
 
@@ -30,10 +29,6 @@ def shared_by_more_than(neuron_sets, fraction: float | None) -> set:
     return {n for n, c in counts.items() if c > fraction * len(sets) and c > 1}
 
 
-def _ppl(res) -> float:
-    return math.exp(-sum(a.logprob for a in res) / len(res)) if res else float("nan")
-
-
 def _snapshot(handle, item: FactItem, new: str, intra, inter, batch_size: int) -> dict:
     n = len(item.prompts)
     pairs = ([(p, item.object) for p in item.prompts] + [(p, new) for p in item.prompts] + list(intra)
@@ -42,7 +37,7 @@ def _snapshot(handle, item: FactItem, new: str, intra, inter, batch_size: int) -
     old_res, new_res = res[:n], res[n: 2 * n]
     return {"p_old": mean(a.prob for a in old_res), "p_new": mean(a.prob for a in new_res),
             "success1": mean(a.rank <= 1 for a in new_res), "success5": mean(a.rank <= 5 for a in new_res),
-            "ppl_intra": _ppl(res[2 * n: 2 * n + len(intra)]), "ppl_inter": _ppl(res[2 * n + len(intra):])}
+            "ppl_intra": perplexity_of(res[2 * n: 2 * n + len(intra)]), "ppl_inter": perplexity_of(res[2 * n + len(intra):])}
 
 
 def update_experiment(handle, item: FactItem, new_target: str, neuron_sets: dict[str, list],
