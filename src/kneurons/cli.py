@@ -58,37 +58,20 @@ def cmd_predict(args) -> int:
     return 0
 
 
-def _fact_report(handle, facts, relation=None, majority: float = 0.5):
-    from .prompts import assess, encode
+def _known_facts(handle, facts, relation=None):
+    """Assess the built-in facts (:func:`kneurons.experiments.assess_facts`: known = top-1 on a majority of the
+    fact's templates); rows to print and the known facts as :class:`~kneurons.experiments.FactItem` s."""
+    from .experiments import assess_facts, fact_items
 
     rows, known = [], []
-    rels = [facts.relation(relation)] if relation else facts.relations
-    for rel in rels:
-        items = []
-        for fact in rel.facts:
-            prompts = rel.prompts(fact, causal=handle.is_causal)
-            try:  # a fact the model cannot be asked (e.g. an answer its tokenizer cannot spell) is not known
-                for p in prompts:
-                    encode(handle, p, fact.object)
-            except KneuronsError:
-                rows.append({"relation": rel.id, "subject": fact.subject, "object": fact.object, "templates": 0,
-                             "top-1": 0, "mean prob": float("nan"), "known": "no (cannot be asked)"})
-                continue
-            items += [(fact, p) for p in prompts]
-        if not items:
-            continue
-        res = assess(handle, [p for _, p in items], [f.object for f, _ in items], top_k=1)
-        by_fact: dict = {}
-        for (fact, _), a in zip(items, res):
-            by_fact.setdefault((fact.subject, fact.object), []).append(a)
-        for (subj, obj), results in by_fact.items():
-            n_ok = sum(a.correct for a in results)
-            ok = n_ok > majority * len(results)
-            rows.append({"relation": rel.id, "subject": subj, "object": obj, "templates": len(results),
-                         "top-1": n_ok, "mean prob": sum(a.prob for a in results) / len(results),
-                         "known": "yes" if ok else "no"})
-            if ok:
-                known.append((rel, subj, obj, [a.prompt for a in results], [a.prob for a in results]))
+    for rel in [facts.relation(relation)] if relation else facts.relations:
+        items = [it for it in fact_items(rel, causal=handle.is_causal) if it.prompts]
+        for it, r in zip(items, assess_facts(handle, items) if items else []):
+            rows.append({"relation": rel.id, "subject": it.subject, "object": it.object, "templates": r["n_prompts"],
+                         "top-1": r.get("n_right", 0), "mean prob": r.get("mean_prob", float("nan")),
+                         "known": "yes" if r["known"] else ("no (cannot be asked)" if r["error"] else "no")})
+            if r["known"]:
+                known.append(it)
     return rows, known
 
 
@@ -97,7 +80,7 @@ def cmd_facts(args) -> int:
 
     facts = load_facts(args.facts)
     handle = _load(args)
-    rows, known = _fact_report(handle, facts, args.relation)
+    rows, known = _known_facts(handle, facts, args.relation)
     print(_table(rows))
     print(f"\n{len(known)} of {len(rows)} facts known (top-1 on a majority of usable templates)")
     return 0
@@ -202,8 +185,8 @@ def cmd_intervene(args) -> int:
 
 
 def cmd_update(args) -> int:
-    from .interventions import perplexity, save_edited, update_fact, weights_digest
-    from .prompts import assess
+    from .experiments import measure_update
+    from .interventions import save_edited, update_fact, weights_digest
 
     _check_model_dir(args.save_model)
     kn = _read_neurons(args)
@@ -213,15 +196,12 @@ def cmd_update(args) -> int:
     old = args.target or kn.target
     if not prompts or not old:
         raise KneuronsError("give the fact's prompts and --target (or a --neurons file that has them)")
-    ctrl_p = [p for p, _ in (args.control or [])]
-    ctrl_t = [t for _, t in (args.control or [])]
+    controls = [(p, t) for p, t in (args.control or [])]
     digest = weights_digest(handle.model)
-    before = {"old": assess(handle, prompts, old), "new": assess(handle, prompts, args.new),
-              "ppl": perplexity(handle, ctrl_p, ctrl_t) if ctrl_p else float("nan")}
+    before = measure_update(handle, prompts, old, args.new, intra=controls, details=True)
     with update_fact(handle, kn, old, args.new, prompt=prompts[0], lambda1=args.lambda1, lambda2=args.lambda2,
                      space=args.space):
-        after = {"old": assess(handle, prompts, old), "new": assess(handle, prompts, args.new),
-                 "ppl": perplexity(handle, ctrl_p, ctrl_t) if ctrl_p else float("nan")}
+        after = measure_update(handle, prompts, old, args.new, intra=controls, details=True)
         if args.save_model:
             save_edited(handle, args.save_model)
     if weights_digest(handle.model) != digest:
@@ -230,10 +210,9 @@ def cmd_update(args) -> int:
              "after ": na.prob, f"rank of {args.new}": f"{nb.rank} -> {na.rank}"}
             for p, b, a, nb, na in zip(prompts, before["old"], after["old"], before["new"], after["new"])]
     print(_table(rows))
-    s1 = sum(a.rank <= 1 for a in after["new"]) / len(prompts)
-    s5 = sum(a.rank <= 5 for a in after["new"]) / len(prompts)
-    print(f"\nupdate {old} -> {args.new} in {len(kn)} value slots: success@1 {s1:.0%}, success@5 {s5:.0%}"
-          + (f"; control perplexity {before['ppl']:.2f} -> {after['ppl']:.2f}" if ctrl_p else ""))
+    print(f"\nupdate {old} -> {args.new} in {len(kn)} value slots: success@1 {after['success1']:.0%}, success@5 "
+          f"{after['success5']:.0%}" + (f"; control perplexity {before['ppl_intra']:.2f} -> {after['ppl_intra']:.2f}"
+                                         if controls else ""))
     if args.save_model:
         print(f"edited model saved to {args.save_model}")
     return 0
@@ -249,24 +228,10 @@ def _check_model_dir(path):
         raise KneuronsError(f"directory does not exist: {p.parent}")
 
 
-def _relation_items(handle, rel, facts_subset=None):
-    """The relation's prompts and answers that the model can be asked (answers it cannot spell are left out)."""
-    from .prompts import encode
-
-    items = []
-    for f in facts_subset or rel.facts:
-        for p in rel.prompts(f, causal=handle.is_causal):
-            try:
-                encode(handle, p, f.object)
-            except KneuronsError:
-                continue
-            items.append((f, p))
-    return [p for _, p in items], [f.object for f, _ in items]
-
-
 def cmd_erase(args) -> int:
     from .data import load_facts
-    from .interventions import accuracy, erase_relation, perplexity, save_edited, shared_neurons
+    from .experiments import erase_experiment, fact_items
+    from .interventions import erase_relation, save_edited, shared_neurons
     from .neurons import KnowledgeNeurons, check_neurons, locate
 
     _check_model_dir(args.save_model)
@@ -278,58 +243,62 @@ def cmd_erase(args) -> int:
         for f, kn in zip(args.neurons, sets):
             check_neurons(handle, kn, Path(f).name)
     else:
-        chosen = rel.facts[: args.facts_per_relation]
+        chosen = [it for it in fact_items(rel, causal=handle.is_causal)[: args.facts_per_relation]
+                  if len(it.prompts) >= 2]
         sets = []
         from .attribution import rows_per_prompt
 
-        n_rows = sum(rows_per_prompt(handle, args.steps) * len(rel.prompts(f, causal=handle.is_causal)) for f in chosen)
+        n_rows = sum(rows_per_prompt(handle, args.steps) * len(it.prompts) for it in chosen)
         with _progress_bar(n_rows, f"locating {len(chosen)} facts of {rel.id}") as bar:
-            for f in chosen:
-                prompts = rel.prompts(f, causal=handle.is_causal)
-                if len(prompts) >= 2:
-                    sets.append(locate(handle, prompts, f.object, steps=args.steps, adaptive=True,
-                                       keep_attributions=False, progress=bar.update, batch_size=args.batch_size,
-                                       score=args.score))
+            for it in chosen:
+                sets.append(locate(handle, list(it.prompts), it.object, steps=args.steps, adaptive=True,
+                                   keep_attributions=False, progress=bar.update, batch_size=args.batch_size,
+                                   score=args.score))
     shared = shared_neurons(sets, args.min_facts, args.top_k)
     if not shared:
         raise KneuronsError(f"no neuron is shared by {args.min_facts} or more of the {len(sets)} facts' neuron sets "
                             "(lower --min-facts or use --top-k)")
     print(f"{len(shared)} neurons shared by the knowledge neurons of {len(sets)} facts of {rel.id}: {shared}")
-    others = [r for r in facts.relations if r.id != rel.id]
 
-    def measure():
-        row = {}
-        p, t = _relation_items(handle, rel)
-        row["erased relation"] = (accuracy(handle, p, t), perplexity(handle, p, t))
-        op, ot = [], []
-        for r in others:
-            a, b = _relation_items(handle, r)
-            op += a
-            ot += b
-        row["other relations"] = (accuracy(handle, op, ot), perplexity(handle, op, ot))
-        return row
+    def prompts_of(relations):  # every (prompt, answer) the model can be asked
+        return [(p, it.object, None) for r in relations for it in fact_items(r, causal=handle.is_causal)
+                for p in it.prompts if _askable(handle, p, it.object)]
 
-    before = measure()
-    with erase_relation(handle, sets, args.min_facts, args.top_k, mode=args.mode):
-        after = measure()
-        if args.save_model:
+    rows = erase_experiment(handle, [shared], prompts_of([rel]), prompts_of([r for r in facts.relations if r != rel]),
+                            top_k=None, min_facts=1, mode=args.mode)
+    if args.save_model:
+        with erase_relation(handle, [shared], min_facts=1, mode=args.mode):
             save_edited(handle, args.save_model)
-    print(_table([{"prompts of": k, "accuracy before": before[k][0], "after": after[k][0],
-                   "perplexity before": before[k][1], "after ": after[k][1],
-                   "perplexity change": (after[k][1] - before[k][1]) / before[k][1]} for k in before]))
+    print(_table([{"prompts of": "erased relation" if r["group"] == "erased" else "other relations",
+                   "accuracy before": r["acc_before"], "after": r["acc_after"], "perplexity before": r["ppl_before"],
+                   "after ": r["ppl_after"], "perplexity change": (r["ppl_after"] - r["ppl_before"]) / r["ppl_before"]}
+                  for r in rows]))
     if args.save_model:
         print(f"edited model saved to {args.save_model}")
     return 0
 
 
+def _askable(handle, prompt: str, answer: str) -> bool:
+    from .prompts import encode
+
+    try:
+        encode(handle, prompt, answer)
+        return True
+    except KneuronsError:
+        return False
+
+
 def cmd_demo(args) -> int:
     from .data import load_facts
-    from .neurons import locate
+    from .experiments import measure_update
+    from .interventions import measure_intervention, update_fact, weights_digest
+    from .neurons import locate, random_neurons
+    from .prompts import assess
 
     facts = load_facts()
     handle = _load(args)
     print(f"\n== 1. Knowledge assessing: which built-in facts does {handle.name} know? ==")
-    rows, known = _fact_report(handle, facts)
+    rows, known = _known_facts(handle, facts)
     per_rel: dict = {}
     for r in rows:
         d = per_rel.setdefault(r["relation"], {"relation": r["relation"], "facts": 0, "known": 0})
@@ -342,18 +311,14 @@ def cmd_demo(args) -> int:
     print(_table(sample))
     if not known:
         raise KneuronsError("the model knows none of the built-in facts")
-    wanted = args.fact
-    choice = None
-    for rel, subj, obj, prompts, probs in known:
-        if wanted is None or wanted.lower() in (subj.lower(), f"{rel.id}:{subj}".lower()):
-            if len(prompts) >= 3:
-                choice = (rel, subj, obj, prompts)
-                break
-    if choice is None:
-        raise KneuronsError(f"no known built-in fact matches {wanted!r} with >= 3 templates")
-    rel, subj, obj, prompts = choice
-    prompts = prompts[: args.prompts]
-    print(f"\n== 2. Knowledge attribution: <{subj}, {rel.id}, {obj}> from {len(prompts)} paraphrases ==")
+    wanted = (args.fact or "").lower()
+    fact = next((it for it in known if len(it.prompts) >= 3 and (
+        not wanted or wanted in (it.subject.lower(), f"{it.relation}:{it.subject}".lower()))), None)
+    if fact is None:
+        raise KneuronsError(f"no known built-in fact matches {args.fact!r} with >= 3 templates")
+    prompts, obj = list(fact.prompts[: args.prompts]), fact.object
+    print(f"\n== 2. Knowledge attribution: <{fact.subject}, {fact.relation}, {obj}> from {len(prompts)} "
+          "paraphrases ==")
     from .attribution import rows_per_prompt
 
     t = time.time()
@@ -365,23 +330,18 @@ def cmd_demo(args) -> int:
         print("no knowledge neurons at these settings; stopping")
         return 0
 
-    from .interventions import measure_intervention, perplexity, update_fact, weights_digest
-    from .neurons import random_neurons
-    from .prompts import assess
-
-    known_by_rel: dict = {}
-    for r, s_, o, ps, _ in known:
-        known_by_rel.setdefault(r.id, []).append((s_, o, ps))
-    same = [(s_, o, ps) for s_, o, ps in known_by_rel[rel.id] if s_ != subj][:5]
-    other = [v[0] for rid, v in known_by_rel.items() if rid != rel.id][:6]
-    controls = [("same_relation", ps[0], o) for _, o, ps in same] + [("other_relation", ps[0], o) for _, o, ps in other]
-
+    same = [it for it in known if it.relation == fact.relation and it.subject != fact.subject][:5]
+    other = [next(it for it in known if it.relation == rid)
+             for rid in dict.fromkeys(it.relation for it in known) if rid != fact.relation][:6]
+    controls = ([("same_relation", it.prompts[0], it.object) for it in same]
+                + [("other_relation", it.prompts[0], it.object) for it in other])
     print(f"\n== 3. Suppress and amplify the {len(kn)} knowledge neurons (fact vs {len(controls)} control facts) ==")
     rnd = random_neurons(handle, kn, seed=0)
     summary = []
+    before = assess(handle, prompts + [p for _, p, _ in controls], [obj] * len(prompts) + [t for _, _, t in controls])
     for label, neurons, factor in (("suppress (x0)", kn, 0.0), ("amplify (x2)", kn, 2.0),
                                    ("suppress random neurons", rnd, 0.0), ("amplify random neurons", rnd, 2.0)):
-        res = measure_intervention(handle, neurons, prompts, obj, factor, controls)
+        res = measure_intervention(handle, neurons, prompts, obj, factor, controls, before=before)
         if label == "suppress (x0)":
             print(_table(res.to_dataframe()[["group", "prompt", "target", "before", "after", "rel_change"]]
                          .to_dict("records")))
@@ -391,30 +351,27 @@ def cmd_demo(args) -> int:
     print()
     print(_table(summary))
 
-    new = next((o for _, o, _ in same if o != obj), None)
+    new = next((it.object for it in same if it.object != obj), None)
     if new is None:
         return 0
-    print(f"\n== 4. Update <{subj}, {rel.id}, {obj}> -> {new} in the neurons' value slots (each edit reverted) ==")
-    intra_p = [ps[0] for _, _, ps in same]
-    intra_t = [o for _, o, _ in same]
-    inter_p = [ps[0] for _, _, ps in other]
-    inter_t = [o for _, o, _ in other]
+    print(f"\n== 4. Update <{fact.subject}, {fact.relation}, {obj}> -> {new} in the neurons' value slots (each edit "
+          "reverted) ==")
+    intra = [(it.prompts[0], it.object) for it in same]
+    inter = [(it.prompts[0], it.object) for it in other]
     digest = weights_digest(handle.model)
+    names = {"p_old": "P(old)", "p_new": "P(new)", "success1": "success@1", "success5": "success@5",
+             "ppl_intra": "intra-relation ppl", "ppl_inter": "inter-relation ppl"}
 
     def state():
-        a_old, a_new = assess(handle, prompts, obj), assess(handle, prompts, new)
-        return {"P(old)": sum(a.prob for a in a_old) / len(prompts), "P(new)": sum(a.prob for a in a_new) / len(prompts),
-                "success@1": sum(a.rank <= 1 for a in a_new) / len(prompts),
-                "success@5": sum(a.rank <= 5 for a in a_new) / len(prompts),
-                "intra-relation ppl": perplexity(handle, intra_p, intra_t),
-                "inter-relation ppl": perplexity(handle, inter_p, inter_t)}
+        m = measure_update(handle, prompts, obj, new, intra, inter, details=True)
+        return {names[k]: m[k] for k in names}, [a.top[0].token.strip() for a in m["new"]]
 
-    rows = [{"": "before", **state()}]
+    rows = [{"": "before", **state()[0]}]
     tops = {}
     for lam2 in (8.0, 2.0, 1.0):  # the authors' lambda2 = 8 first, then milder edits
         with update_fact(handle, kn, obj, new, prompt=prompts[0], lambda1=1.0, lambda2=lam2):
-            rows.append({"": f"after (l1=1, l2={lam2:g})", **state()})
-            tops[lam2] = [a.top[0].token.strip() for a in assess(handle, prompts, new)]
+            values, tops[lam2] = state()
+            rows.append({"": f"after (l1=1, l2={lam2:g})", **values})
     print(_table(rows, floatfmt="{:.4g}"))
     for lam2, t in tops.items():
         print(f"top-1 answers after the update with l2={lam2:g}: {', '.join(t)}")

@@ -186,14 +186,20 @@ class InterventionResult:
 
 def measure_intervention(handle, neurons, prompts: Sequence[str], target: str, factor: float = 0.0,
                          controls: Sequence[tuple[str, str, str]] = (), position: str = "blank",
-                         batch_size: int = 32) -> InterventionResult:
+                         batch_size: int = 32, before=None) -> InterventionResult:
     """Δp/p on the fact's ``prompts`` and on ``controls`` — ``(group, prompt, target)`` triples whose group is
-    ``"same_relation"`` or ``"other_relation"`` — when ``neurons`` are multiplied by ``factor``."""
+    ``"same_relation"`` or ``"other_relation"`` — when ``neurons`` are multiplied by ``factor``. ``before``: the
+    unchanged model's assessments of the same prompts (fact prompts, then controls), to score them once for
+    several interventions."""
     iv = Intervention(handle, neurons, factor, position)
     items = [("fact", p, target) for p in prompts] + [tuple(c) for c in controls]
     ps = [p for _, p, _ in items]
     ts = [t for _, _, t in items]
-    before = score(handle, ps, ts, batch_size=batch_size)
+    if before is None:
+        before = score(handle, ps, ts, batch_size=batch_size)
+    elif len(before) != len(items) or [(b.prompt, b.target) for b in before] != [(p, t.strip()) for p, t in
+                                                                                  zip(ps, ts)]:
+        raise KneuronsError("before: assessments of other prompts than the fact's prompts and controls")
     after = score(handle, ps, ts, intervention=iv, batch_size=batch_size)
     res = InterventionResult(iv.factor, iv.neurons)
     for (group, p, t), b, a in zip(items, before, after):

@@ -17,8 +17,8 @@ from .paper import PAPER
 from .runner import EXPERIMENTS, RunConfig, Runner, run
 from .store import RunStore
 from .suppress import intervene_fact
-from .update import update_experiment
+from .update import measure_update, update_experiment
 
 __all__ = ["assess_facts", "locate_fact", "locate_stats", "intervene_fact", "bag_activations",
-           "neuron_activations", "update_experiment", "erase_experiment", "FactItem", "fact_items", "controls_for",
+           "neuron_activations", "update_experiment", "measure_update", "erase_experiment", "FactItem", "fact_items", "controls_for",
            "RunConfig", "Runner", "run", "RunStore", "EXPERIMENTS", "PAPER", "edit_case", "evaluate_edits"]

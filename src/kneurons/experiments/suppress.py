@@ -8,7 +8,7 @@ known facts of other relations). The paper's Figures 3/4 average the fact's Δp/
 
 from __future__ import annotations
 
-from ..interventions import Intervention, score
+from ..interventions import measure_intervention, score
 from .common import FactItem, mean
 
 OPS = {"suppress": 0.0, "amplify": 2.0}
@@ -17,24 +17,23 @@ GROUPS = ("fact", "same_relation", "other_relation")
 
 def intervene_fact(handle, item: FactItem, neuron_sets: dict[str, list], controls: list[tuple[str, str, str]],
                    ops: dict[str, float] = OPS, batch_size: int = 32) -> list[dict]:
-    """One row per (method, op, group): mean probability before/after and mean Δp/p over the group's prompts.
-    Methods whose neuron set is empty are skipped."""
+    """One row per (method, op, group): mean probability before/after and mean Δp/p over the group's prompts
+    (:func:`kneurons.measure_intervention` per method and op). Methods whose neuron set is empty are skipped."""
     items = [("fact", p, item.object) for p in item.prompts] + [tuple(c) for c in controls]
-    prompts, targets = [p for _, p, _ in items], [t for _, _, t in items]
-    before = score(handle, prompts, targets, batch_size=batch_size)  # once for every method and op
+    before = score(handle, [p for _, p, _ in items], [t for _, _, t in items], batch_size=batch_size)  # once
     rows = []
     for method, neurons in neuron_sets.items():
         if not neurons:
             continue
         for op, factor in ops.items():
-            after = score(handle, prompts, targets, Intervention(handle, neurons, factor), batch_size=batch_size)
+            res = measure_intervention(handle, neurons, list(item.prompts), item.object, factor, controls,
+                                       batch_size=batch_size, before=before)
             for group in GROUPS:
-                idx = [j for j, (g, _, _) in enumerate(items) if g == group]
-                if not idx:
+                mine = [r for r in res.rows if r["group"] == group]
+                if not mine:
                     continue
-                b = [before[j].prob for j in idx]
-                a = [after[j].prob for j in idx]
                 rows.append({"method": method, "op": op, "factor": factor, "group": group,
-                             "n_neurons": len(neurons), "n_prompts": len(idx), "before": mean(b), "after": mean(a),
-                             "rel_change": mean((y - x) / x if x > 0 else float("nan") for x, y in zip(b, a))})
+                             "n_neurons": len(neurons), "n_prompts": len(mine),
+                             "before": mean(r["before"] for r in mine), "after": mean(r["after"] for r in mine),
+                             "rel_change": mean(r["rel_change"] for r in mine)})
     return rows

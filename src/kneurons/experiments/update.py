@@ -29,15 +29,24 @@ def shared_by_more_than(neuron_sets, fraction: float | None) -> set:
     return {n for n, c in counts.items() if c > fraction * len(sets) and c > 1}
 
 
-def _snapshot(handle, item: FactItem, new: str, intra, inter, batch_size: int) -> dict:
-    n = len(item.prompts)
-    pairs = ([(p, item.object) for p in item.prompts] + [(p, new) for p in item.prompts] + list(intra)
-             + list(inter))
-    res = assess(handle, [p for p, _ in pairs], [t for _, t in pairs], batch_size=batch_size)  # one scoring pass
+def measure_update(handle, prompts, old: str, new: str, intra=(), inter=(), batch_size: int = 32,
+                   details: bool = False) -> dict:
+    """What an update is judged by, in one scoring pass: mean P(old) and P(new) on the fact's ``prompts``,
+    success@1/@5 of ``new`` (rank of its first token, ties counted against it), and the perplexity of
+    ``intra``/``inter`` — ``(prompt, gold)`` pairs of other facts of the same / of other relations. With ``details``
+    also the per-prompt assessments (``"old"``, ``"new"``)."""
+    prompts = list(prompts)
+    n = len(prompts)
+    pairs = [(p, old) for p in prompts] + [(p, new) for p in prompts] + list(intra) + list(inter)
+    res = assess(handle, [p for p, _ in pairs], [t for _, t in pairs], batch_size=batch_size)
     old_res, new_res = res[:n], res[n: 2 * n]
-    return {"p_old": mean(a.prob for a in old_res), "p_new": mean(a.prob for a in new_res),
-            "success1": mean(a.rank <= 1 for a in new_res), "success5": mean(a.rank <= 5 for a in new_res),
-            "ppl_intra": perplexity_of(res[2 * n: 2 * n + len(intra)]), "ppl_inter": perplexity_of(res[2 * n + len(intra):])}
+    out = {"p_old": mean(a.prob for a in old_res), "p_new": mean(a.prob for a in new_res),
+           "success1": mean(a.rank <= 1 for a in new_res), "success5": mean(a.rank <= 5 for a in new_res),
+           "ppl_intra": perplexity_of(res[2 * n: 2 * n + len(intra)]),
+           "ppl_inter": perplexity_of(res[2 * n + len(intra):])}
+    if details:
+        out.update(old=old_res, new=new_res)
+    return out
 
 
 def update_experiment(handle, item: FactItem, new_target: str, neuron_sets: dict[str, list],
@@ -45,7 +54,7 @@ def update_experiment(handle, item: FactItem, new_target: str, neuron_sets: dict
                       lambda2: float = 8.0, batch_size: int = 32, space: str = "embedding") -> list[dict]:
     """One row per method (``kn``, ``random``, ...) whose neuron set is not empty; ``intra``/``inter``:
     ``(prompt, gold)`` pairs for the perplexities."""
-    before = _snapshot(handle, item, new_target, intra, inter, batch_size)
+    before = measure_update(handle, item.prompts, item.object, new_target, intra, inter, batch_size)
     rows = []
     vectors = None  # the targets' vectors, computed once for all methods (space="head" runs a search)
     for method, neurons in neuron_sets.items():
@@ -55,7 +64,7 @@ def update_experiment(handle, item: FactItem, new_target: str, neuron_sets: dict
             vectors = target_vectors(handle, [item.object, new_target], item.prompts[0], space)
         with update_fact(handle, neurons, item.object, new_target, prompt=item.prompts[0], lambda1=lambda1,
                          lambda2=lambda2, space=space, vectors=vectors):
-            after = _snapshot(handle, item, new_target, intra, inter, batch_size)
+            after = measure_update(handle, item.prompts, item.object, new_target, intra, inter, batch_size)
         row = {"method": method, "old": item.object, "new": new_target, "n_neurons": len(neurons),
                "n_intra": len(intra), "n_inter": len(inter)}
         for k in before:
