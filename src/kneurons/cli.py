@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from ._io import check_target
+from ._io import check_new_dir, check_target, handle_sigterm
 from .errors import KneuronsError
 from .interventions import SPACES
 
@@ -215,13 +215,8 @@ def cmd_update(args) -> int:
 
 
 def _check_model_dir(path):
-    if path is None:
-        return
-    p = Path(path)
-    if p.exists() and any(p.iterdir()):
-        raise KneuronsError(f"directory {p} is not empty")
-    if not p.parent.exists():
-        raise KneuronsError(f"directory does not exist: {p.parent}")
+    if path is not None:
+        check_new_dir(path)  # new or empty, nothing on the way is a file, writable, not a full disk
 
 
 def _relation_items(handle, rel, facts_subset=None):
@@ -403,21 +398,23 @@ def _run_config(args):
 
 
 def cmd_run(args) -> int:
-    from .experiments.runner import Runner
-
-    from .experiments.runner import pararel_dirs
+    from .experiments.runner import Runner, pararel_dirs
+    from .experiments.store import RunStore
 
     cfg = _run_config(args)
     cfg.check()
     pararel_dirs(cfg.data)  # before the model loads: a bad path fails at once
     t = time.time()
-    runner = Runner(cfg, args.out, handle=_load(args), progress=not args.quiet,
-                    log=lambda m: print(m, file=sys.stderr))
-    store = runner.run()
-    counts = store.counts()
-    print(f"run complete in {time.time() - t:.0f}s: {args.out}")
+    # before the model loads: the run's lock (one writer), a writable disk, an intact store of this configuration;
+    # a failure before any result is stored removes what this command created
+    with RunStore.open(args.out, cfg.identity()) as store:
+        Runner(cfg, args.out, handle=_load(args), progress=not args.quiet, log=lambda m: print(m, file=sys.stderr),
+               store=store).run()
+        counts, skipped = store.counts(), store.skipped_data()
     print(_table([{"experiment": e, "units stored": n} for e, n in sorted(counts.items())]))
     print(f"next: kneurons report {args.out}    kneurons export {args.out} --format csv")
+    print(f"run complete in {time.time() - t:.0f}s: {args.out}" if not skipped else
+          f"run complete in {time.time() - t:.0f}s with skipped data ({'; '.join(skipped)}; see the report): {args.out}")
     return 0
 
 
@@ -592,15 +589,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    handle_sigterm()  # SIGTERM unwinds like Ctrl-C (temporaries removed); exit 128 + signal number
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
     except KneuronsError as exc:
         print(f"kneurons: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("kneurons: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", 2)
+        print("kneurons: interrupted" + (f" (signal {signum})" if signum != 2 else ""), file=sys.stderr)
+        return 128 + signum
 
 
 if __name__ == "__main__":
