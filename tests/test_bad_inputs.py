@@ -108,13 +108,16 @@ def env(tmp_path_factory):
 
 
 def _snapshot(root: Path) -> dict:
-    """Every file and directory under ``root`` with its size and modification time."""
+    """Every file under ``root`` with its size and modification time, and every directory. A run directory's
+    lock file is the lock's (a refused writer takes it first, then reads the store); a directory's own time may
+    change by a write probe that leaves nothing behind."""
     out = {}
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
             path = Path(dirpath) / name
             st = path.lstat()
-            out[str(path.relative_to(root))] = (st.st_size if path.is_file() else -1, st.st_mtime_ns)
+            out[str(path.relative_to(root))] = ((st.st_size, st.st_mtime_ns) if path.is_file() and name != "run.lock"
+                                                else "dir" if path.is_dir() else "lock")
     return out
 
 
@@ -189,6 +192,10 @@ CLI_CASES = [
                                                  *PROMPTS], "directory does not exist"),
     ("locate: --save onto an existing file", ["locate", *M, "-t", "paris", "--save", F + "/text.txt", *PROMPTS],
      "exists"),
+    ("locate: --save onto a directory, --overwrite", ["locate", *M, "-t", "paris", "--save", "{emptydir}",
+                                                      "--overwrite", *PROMPTS], "is a directory"),
+    ("locate: --save below a file", ["locate", *M, "-t", "paris", "--save", F + "/text.txt/kn.json", *PROMPTS],
+     "is a file"),
     ("locate: one prompt without a blank", ["locate", *M, "-t", "paris", PROMPTS[0], "no blank"], "no blank"),
     ("locate: one prompt with two blanks", ["locate", *M, "-t", "paris", PROMPTS[0], "a ___ b ___"], "2 blanks"),
     ("locate: blank mid-sentence", ["locate", *M, "-t", "paris", PROMPTS[0], "the ___ is paris ."],
@@ -239,6 +246,10 @@ CLI_CASES = [
      "invalid choice"),
     ("update: --save-model onto a non-empty directory", ["update", *M, "--neurons", "{kn_good}", "--new", "berlin",
                                                          "--save-model", "{nonempty}"], "not empty"),
+    ("update: --save-model onto a file", ["update", *M, "--neurons", "{kn_good}", "--new", "berlin",
+                                          "--save-model", F + "/text.txt"], "is a file"),
+    ("update: --save-model below a file", ["update", *M, "--neurons", "{kn_good}", "--new", "berlin",
+                                           "--save-model", F + "/text.txt/m"], "is a file"),
     ("update: --save-model below a missing directory", ["update", *M, "--neurons", "{kn_good}", "--new", "berlin",
                                                         "--save-model", "/no/such/dir/edited"],
      "directory does not exist"),
@@ -310,6 +321,7 @@ CLI_CASES = [
     ("run: --data without PARAREL", ["run", *M, "--data", "{emptydir}", "--out", "{cwd}/r"],
      "neither pararel/query_pairs.json"),
     ("run: --out is a file", ["run", *M, "--data", "{data}", "--out", F + "/text.txt"], "is a file"),
+    ("run: --out below a file", ["run", *M, "--data", "{data}", "--out", F + "/text.txt/sub"], "is a file"),
     ("run: --out is a foreign directory", ["run", *M, "--data", "{data}", "--out", "{nonempty}"],
      "not empty and is not a kneurons run"),
     ("run: --out holds another configuration", ["run", *M, "--data", "{data}", "--out", "{run}"],
@@ -321,13 +333,23 @@ CLI_CASES = [
     ("export: not a run directory", ["export", "{emptydir}"], "not a kneurons run directory"),
     ("export: --format xlsx", ["export", "{run}", "--format", "xlsx"], "invalid choice"),
     ("export: --out is a file", ["export", "{run}", "--out", F + "/text.txt", "--format", "csv"], "is a file"),
-    ("export: --out not empty", ["export", "{run}", "--out", "{nonempty}", "--format", "csv"], "not empty"),
+    ("export: --out holds foreign files", ["export", "{run}", "--out", "{nonempty}", "--format", "csv"],
+     "not a kneurons export"),
+    ("export: --out the run directory, --overwrite", ["export", "{run}", "--out", "{run}", "--format", "csv",
+                                                      "--overwrite"], "run directory"),
+    ("export: --out inside another run, --overwrite", ["export", "{run}", "--out", "{badcfg}/tables",
+                                                       "--overwrite"], "run directory"),
+    ("export: --out foreign files, --overwrite", ["export", "{run}", "--out", "{nonempty}", "--overwrite"],
+     "not a kneurons export"),
     ("export: corrupt database", ["export", "{badrun}", "--out", "{cwd}/x"], "corrupt results database"),
     ("export: corrupt configuration", ["export", "{badcfg}", "--out", "{cwd}/x"], "corrupt run configuration"),
     # report
     ("report: run directory missing", ["report", "{cwd}/nope"], "does not exist"),
     ("report: not a run directory", ["report", "{emptydir}"], "not a kneurons run directory"),
     ("report: corrupt database", ["report", "{badrun}", "--out", "{cwd}/rep"], "corrupt results database"),
+    ("report: --out the run directory", ["report", "{run}", "--out", "{run}"], "run directory"),
+    ("report: --out foreign files", ["report", "{run}", "--out", "{nonempty}"], "not a kneurons report"),
+    ("report: --out is a file", ["report", "{run}", "--out", F + "/text.txt"], "is a file"),
     ("report: corrupt configuration", ["report", "{badcfg}", "--out", "{cwd}/rep"], "corrupt run configuration"),
     # demo
     ("demo: --prompts -1", ["demo", *M, "--prompts", "-1"], "argument --prompts"),
@@ -462,7 +484,8 @@ def test_invalid_utf8_bytes_in_argv(env):
     assert p.stderr.strip().splitlines()[-1].startswith("kneurons: error: argument is not valid UTF-8")
 
 
-@pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+@pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"),
+                                             (signal.SIGTERM, 143, "terminated (signal 15)")])
 @pytest.mark.parametrize("delay", [0.3, 1.5, 4.0])  # imports, model loading, integrated gradients
 def test_interrupt_at_start_up_or_while_computing(env, tmp_path, sig, code, word, delay):
     _, paths = env

@@ -20,7 +20,7 @@ from helpers import handle_for
 from kneurons.errors import KneuronsError
 from kneurons.experiments import RunStore, fact_items, neuron_activations
 from kneurons.experiments.export import export
-from kneurons.experiments.store import CONFIG, DATABASE
+from kneurons.experiments.store import CONFIG, DATABASE, DB_SIDE, LOCK
 from kneurons.hooks import capture
 from kneurons.prompts import assess
 from runs import config, make_run
@@ -55,7 +55,8 @@ def test_store_roundtrip_resume_and_refusals(tmp_path):
     RunStore.open(killed, cfg).close()
     (killed / CONFIG).rename(killed / f".{CONFIG}.tmp123")
     with RunStore.open(killed, cfg) as st:
-        assert st.config == cfg and sorted(p.name for p in killed.iterdir()) == [CONFIG, DATABASE]
+        names = {p.name for p in killed.iterdir()}
+        assert st.config == cfg and {CONFIG, DATABASE, LOCK} <= names <= {CONFIG, DATABASE, LOCK, *DB_SIDE}
     with pytest.raises(KneuronsError, match="not a kneurons run directory"):
         RunStore(tmp_path / "other")
 
@@ -313,9 +314,11 @@ def test_resume_refuses_other_weights_and_orphan_results(synthetic_run, tmp_path
         h.arch.ffn_out[0].weight[0, 0] += 1.0  # "retrained" between two sessions
     with pytest.raises(KneuronsError, match="other weights"):
         run(cfg, tmp_path / "r", handle=h, progress=False)
-    (tmp_path / "r" / CONFIG).unlink()  # results without their configuration are not adopted
-    with pytest.raises(KneuronsError, match="holds results but no config.json"):
-        RunStore.open(tmp_path / "r", {"k": 1})
+    (tmp_path / "r" / CONFIG).unlink()  # the database records the configuration: another one is still refused,
+    with pytest.raises(KneuronsError, match="different configuration.*k: '<unset>' -> 1"):
+        RunStore.open(tmp_path / "r", {**cfg.identity(), "k": 1})
+    with RunStore.open(tmp_path / "r", cfg.identity()):  # and the same one gets its config.json back
+        assert json.loads((tmp_path / "r" / CONFIG).read_text()) == cfg.identity()
 
 
 def test_known_among_candidates_on_the_trained_model(synthetic_run):

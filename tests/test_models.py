@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -156,34 +158,6 @@ def test_partly_cached_hub_model(monkeypatch, saved, tmp_path):
     assert "pytorch_model.bin" in patterns and not any("safetensors" in p for p in patterns)
 
 
-def test_stale_temporaries(tmp_path):
-    """Temporaries nothing has touched for an hour go (files and folders); a folder with a recent file, a recent
-    file and a symlink stay."""
-    old = time.time() - models.STALE_TMP_SECONDS - 60
-    (tmp_path / "outside").mkdir()
-    entries = {"m.tmp123": "file", "m.tmp7": "fresh file", ".tmp-dead": "dir", ".tmp-live": "dir with fresh file",
-               ".tmp-link": "symlink"}
-    for name, kind in entries.items():
-        p = tmp_path / name
-        if kind == "symlink":
-            p.symlink_to(tmp_path / "outside")
-            continue
-        if "dir" in kind:
-            p.mkdir()
-            (p / "model.safetensors").write_bytes(b"x")
-            if "fresh" not in kind:
-                os.utime(p / "model.safetensors", (old, old))
-            os.utime(p, (old, old))
-        else:
-            p.write_bytes(b"x")
-            if "fresh" not in kind:
-                os.utime(p, (old, old))
-    models._remove_stale_temporaries(tmp_path, "m.tmp*")
-    models._remove_stale_temporaries(tmp_path, ".tmp-*")
-    left = sorted(p.name for p in tmp_path.iterdir())
-    assert left == [".tmp-link", ".tmp-live", "m.tmp7", "outside"]
-
-
 def test_missing_shards_are_named(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     assert models._missing_files(tmp_path)[0] == "tokenizer files"
@@ -235,18 +209,24 @@ def test_gguf_cache_is_written_once_and_atomically(tmp_path, monkeypatch):
         models._gguf_to_cache(gguf)
     root = tmp_path / "cache" / "models"
     assert list(root.iterdir()) == []  # nothing half-written survives
-    killed, writing = root / ".tmp-killed", root / ".tmp-writing"  # left by a SIGKILLed process / being written now
-    for d in (killed, writing):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    # left by a SIGKILLed process (its PID is gone; and one from an older kneurons, an hour old) / being written now
+    killed, older, writing = (root / f".{'0' * 32}.kntmp-{dead.pid}-0123abcd", root / ".tmp-k1ll3d_x",
+                              root / f".{'1' * 32}.kntmp-{os.getpid()}-0123abcd")
+    for d in (killed, older, writing):
         d.mkdir()
         (d / "model.safetensors").write_bytes(b"partial")
     old = time.time() - models.STALE_TMP_SECONDS - 60
-    for f in (killed / "model.safetensors", killed):
+    for f in (older / "model.safetensors", older):
         os.utime(f, (old, old))
     monkeypatch.undo()
     monkeypatch.setenv("KNEURONS_CACHE", str(tmp_path / "cache"))
     d = models._gguf_to_cache(gguf)
     assert d.name == models.file_sha256(gguf)[:32] and (d / "model.safetensors").exists()
-    assert not killed.exists() and writing.exists()
+    assert not killed.exists() and not older.exists() and writing.exists()
+    record = json.loads((d / models.CACHE_RECORD).read_text())
+    assert record["files"]["model.safetensors"]["sha256"] == models.file_sha256(d / "model.safetensors")
     import transformers
     assert json.loads((d / "kneurons-cache.json").read_text())["versions"]["transformers"] == transformers.__version__
     calls = []

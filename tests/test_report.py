@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from kneurons import _io
 from kneurons.errors import KneuronsError
 from kneurons.experiments.paper import PAPER, PAPER_MODEL
 from kneurons.experiments.store import RunStore
@@ -344,8 +345,12 @@ def test_report_on_full_run(fake_run, tmp_path):
     layers = loc[loc["method"] == "kn"]["neurons"].explode().dropna().map(lambda n: n[0])
     expected = [float((layers == i).mean()) for i in range(N_LAYERS)]
     assert s["locate"]["methods"]["kn"]["layer_fraction"] == pytest.approx(expected)
-    # a second report replaces the first; a directory that is not a report is refused
+    # a second report replaces the first, whole; a file the report did not write makes the directory foreign
+    # (even one named like a figure), unless the report predates manifests (then the report's names count)
     (fake_run / "report" / "fig9-stale.png").write_bytes(b"x")
+    with pytest.raises(KneuronsError, match=r"not a kneurons report \(fig9-stale.png\)"):
+        write_report(fake_run)
+    (fake_run / "report" / _io.MANIFEST).unlink()  # as written before manifests
     write_report(fake_run)
     assert not (fake_run / "report" / "fig9-stale.png").exists()
     foreign = tmp_path / "mine"
@@ -395,11 +400,11 @@ def test_failure_leaves_previous_report(fake_run, tmp_path, monkeypatch):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     monkeypatch.undo()
 
-    def half(page_path, *a, **k):
-        raise OSError("no space left on device")
+    def half(*a, **k):
+        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(render, "_publish", half)
-    with pytest.raises(KneuronsError, match="no space left"):
+    monkeypatch.setattr(_io, "_publish_dir", half)
+    with pytest.raises(KneuronsError, match="No space left on device"):
         write_report(fake_run, tmp_path / "new")
     assert not (tmp_path / "new").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rep"]

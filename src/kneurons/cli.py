@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 
 from . import __version__
-from ._io import check_target
+from ._io import check_new_dir, check_target, handle_sigterm
 from .errors import KneuronsError
 
 
@@ -219,13 +219,8 @@ def cmd_update(args) -> int:
 
 
 def _check_model_dir(path):
-    if path is None:
-        return
-    p = Path(path)
-    if p.exists() and any(p.iterdir()):
-        raise KneuronsError(f"directory {p} is not empty")
-    if not p.parent.exists():
-        raise KneuronsError(f"directory does not exist: {p.parent}")
+    if path is not None:
+        check_new_dir(path, parents=False)  # new or empty, its parent exists, writable, not a full disk
 
 
 def cmd_erase(args) -> int:
@@ -400,21 +395,23 @@ def _run_config(args):
 
 
 def cmd_run(args) -> int:
-    from .experiments.runner import Runner
-
-    from .experiments.runner import pararel_dirs
+    from .experiments.runner import Runner, pararel_dirs
+    from .experiments.store import RunStore
 
     cfg = _run_config(args)
     cfg.check()
     pararel_dirs(cfg.data)  # before the model loads: a bad path fails at once
     t = time.time()
-    runner = Runner(cfg, args.out, handle=_load(args), progress=not args.quiet,
-                    log=lambda m: print(m, file=sys.stderr))
-    store = runner.run()
-    counts = store.counts()
-    print(f"run complete in {time.time() - t:.0f}s: {args.out}")
+    # before the model loads: the run's lock (one writer), a writable disk, an intact store of this configuration;
+    # a failure before any result is stored removes what this command created
+    with RunStore.open(args.out, cfg.identity()) as store:
+        Runner(cfg, args.out, handle=_load(args), progress=not args.quiet, log=lambda m: print(m, file=sys.stderr),
+               store=store).run()
+        counts, skipped = store.counts(), store.skipped_data()
     print(_table([{"experiment": e, "units stored": n} for e, n in sorted(counts.items())]))
     print(f"next: kneurons report {args.out}    kneurons export {args.out} --format csv")
+    print(f"run complete in {time.time() - t:.0f}s: {args.out}" if not skipped else
+          f"run complete in {time.time() - t:.0f}s with skipped data ({'; '.join(skipped)}; see the report): {args.out}")
     return 0
 
 
@@ -676,14 +673,6 @@ def _undecodable(argv) -> str | None:
     return None
 
 
-class _Terminated(BaseException):
-    """SIGTERM, handled like Ctrl-C: cleanup runs (temporaries removed), one line, exit code 143."""
-
-
-def _on_sigterm(signum, frame):
-    raise _Terminated()
-
-
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):
     print(f"kneurons: warning: {' '.join(str(message).split())}", file=sys.stderr)
 
@@ -691,8 +680,9 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = sys.argv[1:] if argv is None else list(argv)
-    old_term = signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() \
-        else None
+    in_main = threading.current_thread() is threading.main_thread()
+    old_handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)} if in_main else {}
+    handle_sigterm()  # SIGTERM/SIGHUP unwind like Ctrl-C (temporaries removed); exit 128 + signal number
     old_show = warnings.showwarning
     warnings.showwarning = _one_line_warning
     try:
@@ -708,16 +698,15 @@ def main(argv=None) -> int:
     except KneuronsError as exc:
         print(f"kneurons: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("kneurons: interrupted", file=sys.stderr)
-        return 130
-    except _Terminated:
-        print("kneurons: terminated", file=sys.stderr)
-        return 143
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print("kneurons: interrupted" if signum == signal.SIGINT else f"kneurons: terminated (signal {signum})",
+              file=sys.stderr)
+        return 128 + signum
     finally:
         warnings.showwarning = old_show
-        if old_term is not None:
-            signal.signal(signal.SIGTERM, old_term)
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

@@ -610,11 +610,18 @@ def success(handle, prompts: Sequence[str], new_target: str, k: int = 1) -> floa
 
 
 def save_edited(handle, directory) -> Path:
-    """Save the (edited) model and tokenizer with ``save_pretrained``; reload with :func:`kneurons.load_model`."""
+    """Save the (edited) model and tokenizer with ``save_pretrained``; reload with :func:`kneurons.load_model`.
+
+    ``directory`` must be new or empty. The files are written into a temporary sibling and published with one
+    rename (:func:`kneurons._io.atomic_dir`): a full disk, an error or Ctrl-C leaves ``directory`` as it was."""
+    from ._io import atomic_dir, check_new_dir
+
     d = Path(directory)
-    if d.exists() and any(d.iterdir()):
-        raise KneuronsError(f"directory {d} is not empty")
-    d.mkdir(parents=True, exist_ok=True)
-    handle.model.save_pretrained(d)
-    handle.tokenizer.save_pretrained(d)
-    return d
+    tensors = {t.data_ptr(): t.numel() * t.element_size() for t in handle.model.state_dict().values()}  # tied once
+    check_new_dir(d, min_free=sum(tensors.values()) + (16 << 20), parents=False)
+
+    def build(tmp: Path) -> None:
+        handle.model.save_pretrained(tmp)
+        handle.tokenizer.save_pretrained(tmp)
+
+    return atomic_dir(d, build, replace=False)

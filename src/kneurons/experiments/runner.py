@@ -175,7 +175,9 @@ class Runner:
     """One run: the loaded data, the model, the store. :meth:`run` does all phases (resuming)."""
 
     def __init__(self, config: RunConfig, out, handle=None, progress: bool = True,
-                 log: Callable[[str], None] | None = None):
+                 log: Callable[[str], None] | None = None, store: RunStore | None = None):
+        """``store``: the run store, already opened for ``config`` with :meth:`RunStore.open` (the CLI opens it —
+        lock, integrity and configuration checks — before loading the model); default: opened here."""
         config.check()
         self.cfg = config
         self.progress = progress
@@ -188,7 +190,9 @@ class Runner:
 
             handle = load_model(config.model, dtype=config.dtype, device=config.device)
         self.h = handle
-        self.store = RunStore.open(out, config.identity())
+        if store is not None and store.config != config.identity():
+            raise KneuronsError(f"the run store {store.dir} was opened for another configuration")
+        self.store = store if store is not None else RunStore.open(out, config.identity())
         self.store.set_meta("model_info", {"name": handle.name, "model_type": handle.model_type,
                                            "kind": handle.kind, "n_layers": handle.n_layers, "d_ff": handle.d_ff,
                                            "dtype": str(handle.dtype).replace("torch.", ""),

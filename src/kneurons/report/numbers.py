@@ -23,12 +23,12 @@ from .. import __version__
 from ..errors import KneuronsError
 from ..experiments.locate import locate_stats
 from ..experiments.paper import PAPER, PAPER_MODEL
-from ..experiments.store import RunStore
+from ..experiments.store import RunStore, describe_skipped
 
 EXPERIMENTS = ("assess", "locate", "suppress", "activations", "update", "erase")
 META_KEYS = ("model_info", "device", "skipped_relations", "known_facts", "activations_skipped",
-             "activations_missing_relations", "erase_not_in_run", "weights_restored", "last_run_seconds",
-             "complete", "created")
+             "activations_missing_relations", "activations_bad_files", "erase_not_in_run", "weights_restored",
+             "last_run_seconds", "complete", "created")
 METHODS = ("kn", "activation", "random")
 OPS = ("suppress", "amplify")
 GROUPS = ("fact", "same_relation", "other_relation")
@@ -154,7 +154,18 @@ def _run_section(d: RunData) -> dict:
             "complete": bool(d.meta.get("complete")), "weights_restored": d.meta.get("weights_restored"),
             "last_run_seconds": d.meta.get("last_run_seconds"), "created": d.meta.get("created"),
             "experiments_configured": list(cfg.get("experiments") or []), "units_stored": dict(d.counts),
-            "config": cfg}
+            "skipped_data": describe_skipped(d.meta, _error_units(d)), "config": cfg}
+
+
+def _error_units(d: RunData) -> dict[str, int]:
+    """Per experiment, the units with a non-empty ``error`` in a row (as the run's last line counts them)."""
+    out = {}
+    for e, df in d.tables.items():
+        if len(df) and "error" in df:
+            bad = df[df["error"].map(lambda v: isinstance(v, str) and v != "")]
+            if len(bad):
+                out[e] = int(bad["unit"].nunique())
+    return out
 
 
 def _facts_section(d: RunData, issues: dict) -> dict:
@@ -233,6 +244,7 @@ def _activations_section(d: RunData, issues: dict) -> dict:
     out = {"facts": int(df["unit"].nunique()) if len(df) else 0, "facts_with_neurons": 0, "bags": {},
            "skipped": d.meta.get("activations_skipped"),
            "missing_relations": d.meta.get("activations_missing_relations") or [],
+           "bad_files": d.meta.get("activations_bad_files") or {},
            "paper": PAPER["activations"]}
     if not len(df) or "mean_activation" not in df:
         return out
@@ -422,7 +434,8 @@ def format_summary(s: dict) -> str:
     """A plain-text table of ``s["compare"]`` (ours beside the paper's) with a header line, for the CLI."""
     run = s["run"]
     head = (f"{run['model']} (paper: {run['paper_model']}); {s['facts']['known']} of {s['facts']['assessed']} "
-            f"facts known, {s['facts']['used']} used; run {'complete' if run['complete'] else 'INCOMPLETE'}")
+            f"facts known, {s['facts']['used']} used; run {'complete' if run['complete'] else 'INCOMPLETE'}"
+            + (f"; skipped data: {'; '.join(run['skipped_data'])}" if run.get("skipped_data") else ""))
     rows = [("quantity", "ours", "n", "paper")]
     for r in s["compare"]:
         rows.append((r["quantity"], format_value(r["ours"], r["unit"]), "" if r["n"] is None else str(r["n"]),

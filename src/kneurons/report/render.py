@@ -6,13 +6,11 @@ from __future__ import annotations
 import base64
 import html
 import json
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
-from ..errors import KneuronsError
+from .._io import atomic_dir, owned_output
+from ..experiments.store import check_output_target
 from .figures import Figure, make_figures
 from .numbers import BAGS, METHODS, OPS, compute_summary, format_value, load_run
 
@@ -118,6 +116,9 @@ def _header(s: dict) -> str:
     if run["weights_restored"] is False:
         parts.append('<p class="warn">The run did not confirm that the model weights were restored after the '
                      "edits.</p>")
+    if run.get("skipped_data"):
+        parts.append('<div class="warn"><b>The run skipped data.</b> Every number below leaves it out:<ul>'
+                     + "".join(f"<li>{esc(m)}</li>" for m in run["skipped_data"]) + "</ul></div>")
     return "".join(parts)
 
 
@@ -305,6 +306,9 @@ def _activations(s: dict, figs: dict) -> str:
     if act["missing_relations"]:
         out.append(f'<p class="note">Relations without BingRel sentences: {esc(", ".join(act["missing_relations"]))}.'
                    "</p>")
+    if act.get("bad_files"):
+        out.append('<p class="warn">Relations skipped because their BingRel file could not be read: '
+                   + "; ".join(f"<b>{esc(r)}</b> ({esc(why)})" for r, why in act["bad_files"].items()) + ".</p>")
     if not act["bags"]:
         if not act["skipped"]:
             out.append(empty(f"No activation was measured: none of the {act['facts']} facts had knowledge neurons "
@@ -443,64 +447,33 @@ def render_html(s: dict, figs: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ writing
-def _is_report_file(p: Path) -> bool:
-    return p.is_file() and (p.name in (REPORT, SUMMARY) or (p.name.startswith("fig") and p.suffix == ".png"))
-
-
-def _check_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise KneuronsError(f"report output {out} exists and is not a directory")
-    if out.is_dir():
-        foreign = [p.name for p in out.iterdir() if not _is_report_file(p)]
-        if foreign:
-            raise KneuronsError(f"{out} exists and holds files that are not a kneurons report ({', '.join(foreign[:3])}"
-                                f"{', ...' if len(foreign) > 3 else ''}); choose another output directory")
-
-
-def _publish(tmp: Path, out: Path) -> None:
-    """Move the finished directory ``tmp`` to ``out``, replacing an earlier report there."""
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    old = out.with_name(f".{out.name}.old{os.getpid()}")
-    os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except OSError:
-        os.rename(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+def _is_report_file(name: str) -> bool:
+    """Files a report wrote before reports recorded a manifest."""
+    return name in (REPORT, SUMMARY) or (name.startswith("fig") and name.endswith(".png"))
 
 
 def write_report(run_dir, out_dir=None) -> Path:
     """Write ``report.html`` (self-contained), one PNG per figure and ``summary.json`` into ``out_dir``
     (default ``RUN_DIR/report``); returns the path of ``report.html``.
 
-    The files are written into a temporary directory beside ``out_dir`` and moved into place at the end, so a
-    failure leaves no half-written report (an earlier report there stays as it was). An existing ``out_dir`` is
-    replaced only when it is empty or holds a report; a missing, foreign or corrupt run raises
-    :class:`~kneurons.KneuronsError`."""
+    The files are written into a temporary directory beside ``out_dir`` and swapped into place in one step
+    (:func:`kneurons._io.atomic_dir`), so a failure leaves no half-written report and an earlier report there
+    stays whole until the new one replaces it. The target follows the rule exports follow
+    (:func:`~kneurons.experiments.store.check_output_target`): an existing ``out_dir`` is replaced only when it is
+    empty or holds a report, never a run directory or anything inside one but ``RUN_DIR/report``; a missing,
+    foreign or corrupt run raises :class:`~kneurons.KneuronsError`."""
     data = load_run(run_dir)
     out = Path(out_dir) if out_dir is not None else data.dir / "report"
-    _check_out(out)
+    check_output_target(data.dir, out, "report", True, _is_report_file)
     s = compute_summary(data)
     figs = make_figures(s)
     page = render_html(s, figs)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp", dir=out.parent))
-    except OSError as exc:
-        raise KneuronsError(f"cannot write the report beside {out}: {exc}") from None
-    try:
+
+    def build(tmp: Path) -> None:
         for fig in figs.values():
             (tmp / fig.name).write_bytes(fig.png)
         (tmp / SUMMARY).write_text(json.dumps(s, indent=1, allow_nan=False) + "\n", encoding="utf-8")
         (tmp / REPORT).write_text(page, encoding="utf-8")
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private
-        _publish(tmp, out)
-    except OSError as exc:
-        raise KneuronsError(f"cannot write the report to {out}: {exc}") from None
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    atomic_dir(out, build, replace=lambda d: owned_output(d, "report", _is_report_file), manifest="report")
     return out / REPORT
