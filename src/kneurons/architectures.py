@@ -132,7 +132,7 @@ _TABLE: list[ArchSpec] = [
        partial_blocks=False),  # its ALiBi bias is [batch * heads, ...]: cannot be cut to some rows
     _e("falcon", "causal", "h", "mlp.dense_4h_to_h", "mlp.dense_h_to_4h", batch_prompts=False,
        prefix_from_clean_run=False, head_on_scored_positions=True,
-       partial_blocks="probe"),  # config.alibi gives it BLOOM's [batch * heads, ...] bias
+       partial_blocks=True),  # with config.alibi too: the bias reaches the blocks as [batch, heads, ...]
     _e("phi", "causal", "layers", "mlp.fc2", "mlp.fc1", **_PLAIN, head_on_scored_positions=True),
     _e("llama", "causal", "layers", "mlp.down_proj", ("mlp.gate_proj", "mlp.up_proj"), gated=True, **_PLAIN,
        head_on_scored_positions=True),
