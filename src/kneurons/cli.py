@@ -13,6 +13,7 @@ from pathlib import Path
 
 from . import __version__
 from ._io import check_target
+from .attribution.methods import METHODS, SCORES
 from .errors import KneuronsError
 from .interventions import SPACES
 
@@ -108,12 +109,12 @@ def cmd_locate(args) -> int:
     handle = _load(args)
     for p in args.prompts:
         encode(handle, p, args.target)
-    total = rows_per_prompt(handle, args.steps) * len(args.prompts)
+    total = rows_per_prompt(handle, args.steps, method=args.method) * len(args.prompts)
     t = time.time()
-    with _progress_bar(total, "integrated gradients") as bar:
+    with _progress_bar(total, args.method.replace("_", " ")) as bar:
         kn = locate(handle, args.prompts, args.target, steps=args.steps, threshold=args.threshold, p=args.p,
                     min_prompts=args.min_prompts, adaptive=args.adaptive, batch_size=args.batch_size,
-                    score=args.score, progress=bar.update, batch_prompts=args.batch_prompts)
+                    score=args.score, progress=bar.update, batch_prompts=args.batch_prompts, method=args.method)
     elapsed = time.time() - t
     _print_located(kn, elapsed)
     if args.save:
@@ -147,9 +148,10 @@ def _neurons_for(args, handle):
         raise KneuronsError("give --neurons FILE, or at least 2 paraphrase prompts to locate the neurons")
     from .attribution import rows_per_prompt
 
-    with _progress_bar(rows_per_prompt(handle, args.steps) * len(args.prompts), "locating") as bar:
+    per_prompt = rows_per_prompt(handle, args.steps, method=args.method)
+    with _progress_bar(per_prompt * len(args.prompts), "locating") as bar:
         kn = locate(handle, args.prompts, args.target, steps=args.steps, adaptive=True, progress=bar.update,
-                    batch_size=args.batch_size, score=args.score)
+                    batch_size=args.batch_size, score=args.score, method=args.method)
     print(f"located {len(kn)} knowledge neurons: {kn.neurons}")
     if not kn.neurons:
         raise KneuronsError("no knowledge neurons found for this fact (try more or better paraphrases)")
@@ -245,14 +247,15 @@ def cmd_erase(args) -> int:
         sets = []
         from .attribution import rows_per_prompt
 
-        n_rows = sum(rows_per_prompt(handle, args.steps) * len(rel.prompts(f, causal=handle.is_causal)) for f in chosen)
+        per_prompt = rows_per_prompt(handle, args.steps, method=args.method)
+        n_rows = sum(per_prompt * len(rel.prompts(f, causal=handle.is_causal)) for f in chosen)
         with _progress_bar(n_rows, f"locating {len(chosen)} facts of {rel.id}") as bar:
             for f in chosen:
                 prompts = rel.prompts(f, causal=handle.is_causal)
                 if len(prompts) >= 2:
                     sets.append(locate(handle, prompts, f.object, steps=args.steps, adaptive=True,
                                        keep_attributions=False, progress=bar.update, batch_size=args.batch_size,
-                                       score=args.score))
+                                       score=args.score, method=args.method))
     shared = shared_neurons(sets, args.min_facts, args.top_k)
     print(f"{len(shared)} neurons shared by the knowledge neurons of {len(sets)} facts of {rel.id}: {shared}")
     others = [r for r in facts.relations if r.id != rel.id]
@@ -317,9 +320,10 @@ def cmd_demo(args) -> int:
     from .attribution import rows_per_prompt
 
     t = time.time()
-    with _progress_bar(rows_per_prompt(handle, args.steps) * len(prompts), "integrated gradients") as bar:
+    with _progress_bar(rows_per_prompt(handle, args.steps, method=args.method) * len(prompts),
+                       args.method.replace("_", " ")) as bar:
         kn = locate(handle, prompts, obj, steps=args.steps, adaptive=True, batch_size=args.batch_size,
-                    progress=bar.update)
+                    method=args.method, progress=bar.update)
     _print_located(kn, time.time() - t)
     if not kn.neurons:
         print("no knowledge neurons at these settings; stopping")
@@ -394,7 +398,7 @@ def _run_config(args):
         facts_per_relation=args.facts_per_relation, seed=args.seed, experiments=args.experiments,
         max_prompts=args.max_prompts, max_candidates=args.max_candidates, known_fraction=args.known_fraction,
         known_rank=args.known_rank, known_among=args.known_among, steps=args.steps, threshold=args.threshold,
-        p=args.p, min_prompts=args.min_prompts, adaptive=not args.fixed_p, score=args.score,
+        p=args.p, min_prompts=args.min_prompts, adaptive=not args.fixed_p, score=args.score, method=args.method,
         bingrel_sentences=args.bingrel_sentences, max_tokens=args.max_tokens, update_lambda1=args.lambda1,
         update_lambda2=args.lambda2, update_space=args.update_space,
         update_drop_shared=none_if(args.update_drop_shared), erase_relations=args.erase_relations,
@@ -468,7 +472,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--steps", type=int, default=20, help="integration steps m (default 20)")
         p.add_argument("--batch-size", type=int, default=None,
                        help="rows per forward/backward pass (memory budget; default: about 2048 row-positions on CPU)")
-        p.add_argument("--score", choices=["prob", "logprob"], default="prob")
+        p.add_argument("--score", choices=list(SCORES), default="prob")
+        p.add_argument("--method", choices=list(METHODS), default="integrated_gradients",
+                       help="how neurons are found: "
+                            + "; ".join(f"{m.name}: {m.description}" for m in METHODS.values()))
 
     p = sub.add_parser("locate", help="knowledge neurons of one fact from its paraphrase prompts")
     model_args(p)
@@ -476,7 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-prompts", action="store_true",
                    help="the paraphrases' rows share passes (same numbers; pays on a GPU, slower on a small CPU)")
     p.add_argument("--target", "-t", required=True)
-    p.add_argument("--threshold", type=float, default=0.2, help="coarse threshold t x max (default 0.2)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="coarse threshold t x max (default: the method's, 0.2; activation 0.5)")
     p.add_argument("--p", type=float, default=0.7, help="sharing fraction p (default 0.7)")
     p.add_argument("--min-prompts", type=int, default=3)
     p.add_argument("--adaptive", action="store_true", help="move p by 0.05 until 2-5 neurons")

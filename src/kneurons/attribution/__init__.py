@@ -39,7 +39,8 @@ __all__ = [
     "Attribution", "attribute", "integrated_gradients", "rows_per_prompt", "DEFAULT_BATCH_SIZE", "METHODS",
     "SCORES", "RULES", "IntegrationPath", "Method", "Score", "Options", "ExecutionPlan", "SHORTCUTS",
     "riemann_right", "riemann_left", "riemann_middle", "riemann_trapezoid", "gauss_legendre", "one_point",
-    "get_method", "get_score", "model_info", "default_rows_per_pass",
+    "get_method", "get_score", "model_info", "default_rows_per_pass", "rows_per_layer", "DEFAULT_TOKENS_PER_PASS",
+    "DEFAULT_TOKENS_PER_PASS_GPU",
 ]
 
 
