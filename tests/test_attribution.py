@@ -79,8 +79,8 @@ def test_shortcuts_do_not_change_results(model_type):
     h = handle_for(model_type, dtype=torch.float64)
     prompt, target = (MLM_PROMPT, "france") if h.is_masked else (PROMPT, "paris berlin")
     a = integrated_gradients(h, prompt, target, steps=5)
-    b = integrated_gradients(h, prompt, target, steps=5, use_cache=False, replay=False, slice_head=False,
-                             fused_head=False)
+    b = integrated_gradients(h, prompt, target, steps=5, use_cache=False, replay=False,
+                             head_on_scored_positions=False, fused_head=False)
     assert a.params["use_cache"] == h.is_causal and not b.params["use_cache"]
     assert a.params["head_on_scored_positions"] == h.is_masked and not b.params["head_on_scored_positions"]
     assert a.params["fused_head"] and not b.params["fused_head"]

@@ -189,7 +189,8 @@ def test_head_on_all_positions():
     got = integrated_gradients(h, MLM_PROMPT, "france", steps=4, head_on_scored_positions=False)
     assert got.params["head_on_scored_positions"] is False
     _matches_naive(h, got)
-    old_name = integrated_gradients(h, MLM_PROMPT, "france", steps=4, slice_head=False)
+    with pytest.warns(DeprecationWarning, match="slice_head is now called head_on_scored_positions"):
+        old_name = integrated_gradients(h, MLM_PROMPT, "france", steps=4, slice_head=False)
     assert old_name.params["head_on_scored_positions"] is False and torch.equal(old_name.scores, got.scores)
     # GPT-2 reshapes after its last block: the probe's trial finds the cut impossible
     h = _handle("gpt2", head_on_scored_positions="probe")

@@ -30,7 +30,7 @@ from ..hooks import capture_layer_outputs, ffn_hooks, frozen_parameters, head_in
 from ..prompts import Encoded, pad_id
 from .head import fused_logprob, logprob_from_logits, plain_linear_head
 from .methods import get_score
-from .plan import ExecutionPlan, Options, _out_cache
+from .plan import ExecutionPlan, Options, output_cache
 from .result import Attribution, model_info
 from .rows import CLEAN, block_schedule, default_rows_per_pass, layer_points, plan_rows
 
@@ -132,7 +132,7 @@ def _prefix_cache(handle, prefix: torch.Tensor):
     extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     with torch.no_grad(), skip_head:
         out = model(input_ids=prefix, use_cache=True, **extra)
-    cache = _out_cache(out)
+    cache = output_cache(out)
     if cache is None:
         raise KneuronsError("the model returned no KV cache for the prompt's prefix (probed: it did)")
     return cache
@@ -155,7 +155,7 @@ def prepare(handle, prompt: str, enc: Encoded, plan: ExecutionPlan, score: str) 
         # the whole prompt at once; its KV cache, cut to the positions before the blank, serves the rows
         with torch.no_grad(), ffn_hooks(arch, grab(n)), capture_layer_outputs(arch, range(L)) as outs:
             out = model(input_ids=full, use_cache=True)
-        cache = _out_cache(out)
+        cache = output_cache(out)
         for layer in cache.layers:
             layer.keys, layer.values = layer.keys[..., :n, :], layer.values[..., :n, :]
         rows = _PromptRows(handle, plan, full[:, n:], 0, [p - n for p in enc.score_positions], cache)

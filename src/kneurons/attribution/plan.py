@@ -33,10 +33,12 @@ speed and memory do. ``params`` records the plan and which capabilities were pro
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 
 import torch
 
+from ..architectures import CAPABILITIES  # the ones an ArchSpec declares: True / False / "probe"
 from ..errors import KneuronsError
 from ..hooks import capture_layer_outputs, replay_layers
 from ..prompts import Encoded
@@ -45,8 +47,6 @@ from .methods import IntegrationPath, get_method, get_score
 
 SHORTCUTS = ("use_cache", "prefix_from_clean_run", "replay", "partial_blocks", "head_on_scored_positions",
              "fused_head")
-#: capabilities an ArchSpec declares (True / False / "probe")
-DECLARED = ("prefix_from_clean_run", "partial_blocks", "head_on_scored_positions", "fused_head")
 #: older option names, still accepted
 RENAMED = {"slice_head": "head_on_scored_positions"}
 #: cache layer types whose update() rebinds its tensors (never writes into them): safe to shallow-copy
@@ -83,6 +83,7 @@ class Options:
             if old in shortcuts:
                 if new in shortcuts:
                     raise KneuronsError(f"give {new} only ({old} is its older name)")
+                warnings.warn(f"{old} is now called {new}", DeprecationWarning, stacklevel=4)
                 shortcuts[new] = shortcuts.pop(old)
         unknown = set(shortcuts) - set(SHORTCUTS)
         if unknown:
@@ -117,7 +118,7 @@ class Options:
 @dataclass(frozen=True)
 class Capabilities:
     """What the model allows. ``use_cache``, ``cache_layers`` and ``plain_block_outputs`` are observed on the
-    probe forward; the :data:`DECLARED` ones come from the ArchSpec unless it says ``"probe"`` (then
+    probe forward; the :data:`CAPABILITIES` ones come from the ArchSpec unless it says ``"probe"`` (then
     ``probed`` names them)."""
 
     use_cache: bool  # the model returns a KV cache the rows can reuse (causal models)
@@ -136,16 +137,16 @@ def capabilities(handle, enc: Encoded) -> Capabilities:
     per handle on this prompt and kept in ``handle.capabilities``."""
     spec = handle.arch.spec
     found = handle.capabilities
-    to_probe = [name for name in DECLARED if getattr(spec, name) == "probe"]
+    to_probe = [name for name in CAPABILITIES if getattr(spec, name) == "probe"]
     if "use_cache" not in found or any(name not in found for name in to_probe):
         found.update(probe(handle, enc, trials=[n for n in to_probe if n not in found]))
     declared = {name: (bool(found[name]) if getattr(spec, name) == "probe" else bool(getattr(spec, name)))
-                for name in DECLARED}
+                for name in CAPABILITIES}
     return Capabilities(bool(found["use_cache"]), tuple(found["cache_layers"]), bool(found["plain_block_outputs"]),
                         batch_prompts=bool(spec.batch_prompts), probed=tuple(to_probe), **declared)
 
 
-def _out_cache(out):
+def output_cache(out):
     for name in ("cache", "past_key_values"):
         c = getattr(out, name, None)
         if c is not None:
@@ -187,7 +188,7 @@ def probe(handle, enc: Encoded, trials=()) -> dict:
         if hook is not None:
             hook.remove()
     logits = out.logits.detach()
-    cache = _out_cache(out) if handle.is_causal else None
+    cache = output_cache(out) if handle.is_causal else None
     layers = getattr(cache, "layers", None)
     use_cache = cache is not None and hasattr(cache, "batch_repeat_interleave")
     cache_layers = tuple(type(layer).__name__ for layer in layers) if use_cache and isinstance(layers, list) else ()
