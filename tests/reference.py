@@ -31,3 +31,34 @@ def naive_ig(handle, prompt, target, steps=20, score="prob"):
             total += g
         out.append(w * total / steps)
     return torch.stack(out)
+
+
+def naive_path(handle, prompt, target, alphas, weights, baseline=None, score="prob"):
+    """Any integration path written out literally: the blank activation of one layer at a time set to
+    b + alpha (w - b), one full forward+backward per (layer, point); (w - b) * sum_k weight_k grad_k."""
+    enc = encode(handle, prompt, target)
+    model, arch = handle.model, handle.arch
+    dev = next(model.parameters()).device
+    ids = torch.tensor([enc.input_ids], device=dev)
+    pos = torch.tensor(enc.score_positions, device=dev); tgt = torch.tensor(enc.target_ids, device=dev)
+    acts = {}
+    def grab(l, x): acts[l] = x[0, enc.blank].detach().clone()
+    with torch.no_grad(), ffn_hooks(arch, grab):
+        model(input_ids=ids)
+    out = []
+    for l in range(arch.n_layers):
+        w = acts[l]
+        b = torch.zeros_like(w) if baseline is None else baseline[l].to(w)
+        total = torch.zeros_like(w)
+        for a, wt in zip(alphas, weights):
+            v = (b + a * (w - b)).clone().requires_grad_(True)
+            def patch(layer, x):
+                x = x.clone(); x[0, enc.blank] = v; return x
+            with ffn_hooks(arch, patch, [l]):
+                logits = model(input_ids=ids).logits
+            lp = torch.log_softmax(logits[0, pos], -1)[torch.arange(len(tgt)), tgt].sum()
+            s = lp.exp() if score == "prob" else lp
+            g, = torch.autograd.grad(s, v)
+            total += wt * g
+        out.append((w - b) * total)
+    return torch.stack(out)

@@ -79,8 +79,8 @@ def test_shortcuts_do_not_change_results(model_type):
     h = handle_for(model_type, dtype=torch.float64)
     prompt, target = (MLM_PROMPT, "france") if h.is_masked else (PROMPT, "paris berlin")
     a = integrated_gradients(h, prompt, target, steps=5)
-    b = integrated_gradients(h, prompt, target, steps=5, use_cache=False, replay=False, slice_head=False,
-                             fused_head=False)
+    b = integrated_gradients(h, prompt, target, steps=5, use_cache=False, replay=False,
+                             head_on_scored_positions=False, fused_head=False)
     assert a.params["use_cache"] == h.is_causal and not b.params["use_cache"]
     assert a.params["head_on_scored_positions"] == h.is_masked and not b.params["head_on_scored_positions"]
     assert a.params["fused_head"] and not b.params["fused_head"]
@@ -118,7 +118,7 @@ def test_fused_head_over_many_vocabulary_chunks(monkeypatch):
     # chunk the 256-word vocabulary into 16-row pieces (the online log-sum-exp crosses 16 chunks)
     h = handle_for("bert", dtype=torch.float64)
     one = integrated_gradients(h, MLM_PROMPT, "france", steps=4)
-    monkeypatch.setattr("kneurons.attribution.HEAD_CHUNK_BYTES", 1)
+    monkeypatch.setattr("kneurons.attribution.head.HEAD_CHUNK_BYTES", 1)
     many = integrated_gradients(h, MLM_PROMPT, "france", steps=4)
     plain = integrated_gradients(h, MLM_PROMPT, "france", steps=4, fused_head=False)
     assert many.params["fused_head"] and not plain.params["fused_head"]
@@ -127,7 +127,7 @@ def test_fused_head_over_many_vocabulary_chunks(monkeypatch):
 
 
 def test_fused_head_function_against_log_softmax():
-    from kneurons.attribution import _HeadLogProb
+    from kneurons.attribution.head import HeadLogProb as _HeadLogProb
 
     torch.manual_seed(0)
     x = torch.randn(5, 8, dtype=torch.float64) * 3
@@ -143,6 +143,16 @@ def test_fused_head_function_against_log_softmax():
         assert torch.allclose(got, ref, rtol=1e-12, atol=1e-12)
         assert torch.allclose(g_got, g_ref, rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(lambda t: _HeadLogProb.apply(t, w, b, tgt, 7, True), (x.clone().requires_grad_(True),))
+    # several tokens per row (the seam for scores over several target sequences, e.g. foils): [N, K] -> [N, K]
+    many = torch.tensor([[0, 36, 5], [5, 5, 1], [17, 2, 3], [9, 0, 36], [1, 2, 4]])
+    xa = x.clone().requires_grad_(True)
+    ref = torch.log_softmax(torch.nn.functional.linear(xa, w, b), -1).gather(1, many)
+    g_ref, = torch.autograd.grad((ref * torch.arange(1., 4.)).sum(), xa)
+    xb = x.clone().requires_grad_(True)
+    got = _HeadLogProb.apply(xb, w, b, many, 7, True)
+    g_got, = torch.autograd.grad((got * torch.arange(1., 4.)).sum(), xb)
+    assert got.shape == (5, 3)
+    assert torch.allclose(got, ref, rtol=1e-12, atol=1e-12) and torch.allclose(g_got, g_ref, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # the subclass's forward(*args, **kwargs) hides `cache`

@@ -21,6 +21,21 @@ Every architecture fact lives in :data:`ARCHITECTURES`, keyed by ``config.model_
     dotted path (relative to the task model) of the output word embedding matrix, or ``None`` to use
     ``model.get_output_embeddings()``.
 
+and what the attribution engine may do with the model — each ``True``, ``False`` or ``"probe"`` (settled once
+per handle by :func:`kneurons.attribution.plan.probe`; the meaning of each word is in that module):
+
+``prefix_from_clean_run``
+    the rows' prefix KV cache can be cut from the clean run's: a plain dynamic cache (no sliding windows) and
+    blocks that return only their hidden states.
+``partial_blocks``
+    a block can run on some rows of a batch (every batch-shaped argument has the batch first).
+``head_on_scored_positions``
+    the last block's output can be cut to the scored positions before the LM head (no reshape after it).
+``fused_head``
+    the model returns its plain linear head's output unchanged (no soft-capping or scaling of the logits).
+``batch_prompts``
+    several prompts' rows may be padded into one batch (``True``/``False``; checked against one-prompt runs).
+
 Unknown types fall back to a structural guess that warns what it chose; :func:`register_architecture`
 adds or replaces entries; ``resolve(model, overrides=...)`` accepts dotted-path overrides.
 """
@@ -54,49 +69,91 @@ class ArchSpec:
     # attribution may put several prompts' rows in one batch (padded, with an attention mask); checked per entry
     # in tests/test_attribution.py against one-prompt runs
     batch_prompts: bool = True
+    # what the attribution engine may do (True / False / "probe"); checked per entry in tests/test_attribution.py
+    # against the probe and, forced either way, against a naive reference
+    prefix_from_clean_run: bool | str = "probe"
+    partial_blocks: bool | str = "probe"
+    head_on_scored_positions: bool | str = "probe"
+    fused_head: bool | str = "probe"
+
+    def __post_init__(self):
+        for name in CAPABILITIES:
+            value = getattr(self, name)
+            if not (isinstance(value, bool) or value == "probe"):
+                raise KneuronsError(f"{self.model_type}: {name} must be True, False or 'probe', got {value!r}")
 
 
-def _e(model_type, kind, layers, ffn_out, ffn_in=(), gated=False, unembedding=None, note="", batch_prompts=True):
+#: the engine capabilities an ArchSpec declares (see the module docstring)
+CAPABILITIES = ("prefix_from_clean_run", "partial_blocks", "head_on_scored_positions", "fused_head")
+
+
+def _e(model_type, kind, layers, ffn_out, ffn_in=(), gated=False, unembedding=None, note="", batch_prompts=True,
+       **capabilities):
     if isinstance(ffn_in, str):
         ffn_in = (ffn_in,)
-    return ArchSpec(model_type, kind, layers, ffn_out, tuple(ffn_in), gated, unembedding, note, batch_prompts)
+    return ArchSpec(model_type, kind, layers, ffn_out, tuple(ffn_in), gated, unembedding, note, batch_prompts,
+                    **capabilities)
 
 
 # The table. Paths were read off the Hugging Face implementations (transformers 5) and each entry is checked
 # by tests/test_architectures.py on a tiny random model built from its config.
+# engine capabilities shared by many entries (fused_head stays "probe" unless known: a subclass may post-process
+# its logits; the probe compares the head's output with the model's)
+_MASKED = dict(prefix_from_clean_run=False, partial_blocks=True, head_on_scored_positions=True)
+_PLAIN = dict(prefix_from_clean_run=True, partial_blocks=True)
+_SLIDING_OPTION = dict(prefix_from_clean_run="probe", partial_blocks=True, head_on_scored_positions=True)
+
 _TABLE: list[ArchSpec] = [
-    # encoder (masked) models
-    _e("bert", "masked", "encoder.layer", "output.dense", "intermediate.dense"),
-    _e("roberta", "masked", "encoder.layer", "output.dense", "intermediate.dense"),
-    _e("xlm-roberta", "masked", "encoder.layer", "output.dense", "intermediate.dense"),
-    _e("camembert", "masked", "encoder.layer", "output.dense", "intermediate.dense"),
-    _e("electra", "masked", "encoder.layer", "output.dense", "intermediate.dense"),
-    _e("distilbert", "masked", "transformer.layer", "ffn.lin2", "ffn.lin1"),
+    # encoder (masked) models: no KV cache
+    _e("bert", "masked", "encoder.layer", "output.dense", "intermediate.dense", **_MASKED),
+    _e("roberta", "masked", "encoder.layer", "output.dense", "intermediate.dense", **_MASKED),
+    _e("xlm-roberta", "masked", "encoder.layer", "output.dense", "intermediate.dense", **_MASKED),
+    _e("camembert", "masked", "encoder.layer", "output.dense", "intermediate.dense", **_MASKED),
+    _e("electra", "masked", "encoder.layer", "output.dense", "intermediate.dense", **_MASKED),
+    _e("distilbert", "masked", "transformer.layer", "ffn.lin2", "ffn.lin1", **_MASKED),
     _e("modernbert", "masked", "layers", "mlp.Wo", "mlp.Wi", gated=True,
        note="Wi produces [input, gate]; neuron = act(input) * gate; padded prompt batches give NaN at the pads "
             "(local attention), which leaks into real positions: prompts are attributed one at a time",
-       batch_prompts=False),
-    # decoder (causal) models
-    _e("gpt2", "causal", "h", "mlp.c_proj", "mlp.c_fc", note="Conv1D: value slot = weight row"),
-    _e("gpt_neo", "causal", "h", "mlp.c_proj", "mlp.c_fc"),
-    _e("gptj", "causal", "h", "mlp.fc_out", "mlp.fc_in"),
-    _e("gpt_neox", "causal", "layers", "mlp.dense_4h_to_h", "mlp.dense_h_to_4h"),
-    _e("gpt_bigcode", "causal", "h", "mlp.c_proj", "mlp.c_fc"),
-    _e("opt", "causal", "decoder.layers", "fc2", "fc1"),
-    _e("bloom", "causal", "h", "mlp.dense_4h_to_h", "mlp.dense_h_to_4h"),
-    _e("falcon", "causal", "h", "mlp.dense_4h_to_h", "mlp.dense_h_to_4h"),
-    _e("phi", "causal", "layers", "mlp.fc2", "mlp.fc1"),
-    _e("llama", "causal", "layers", "mlp.down_proj", ("mlp.gate_proj", "mlp.up_proj"), gated=True),
-    _e("mistral", "causal", "layers", "mlp.down_proj", ("mlp.gate_proj", "mlp.up_proj"), gated=True),
-    _e("qwen2", "causal", "layers", "mlp.down_proj", ("mlp.gate_proj", "mlp.up_proj"), gated=True),
-    _e("qwen3", "causal", "layers", "mlp.down_proj", ("mlp.gate_proj", "mlp.up_proj"), gated=True),
-    _e("olmo2", "causal", "layers", "mlp.down_proj", ("mlp.gate_proj", "mlp.up_proj"), gated=True),
-    _e("gemma", "causal", "layers", "mlp.down_proj", ("mlp.gate_proj", "mlp.up_proj"), gated=True),
-    _e("gemma2", "causal", "layers", "mlp.down_proj", ("mlp.gate_proj", "mlp.up_proj"), gated=True),
-    _e("gemma3_text", "causal", "layers", "mlp.down_proj", ("mlp.gate_proj", "mlp.up_proj"), gated=True),
+       batch_prompts=False, **_MASKED),
+    # decoder (causal) models. prefix_from_clean_run is probed where a config option can add sliding-window
+    # cache layers (mistral, qwen2/3, phi3, starcoder2); BLOOM, Falcon and GPT-Neo blocks also return their
+    # attention weights (not cut or stacked per prompt: no prefix from the clean run, no shared passes)
+    _e("gpt2", "causal", "h", "mlp.c_proj", "mlp.c_fc", note="Conv1D: value slot = weight row",
+       **_PLAIN, head_on_scored_positions=False),  # reshapes to the input's shape after its last block
+    _e("gpt_neo", "causal", "h", "mlp.c_proj", "mlp.c_fc", batch_prompts=False, prefix_from_clean_run=False,
+       partial_blocks=True, head_on_scored_positions=False),
+    _e("gptj", "causal", "h", "mlp.fc_out", "mlp.fc_in", **_PLAIN, head_on_scored_positions=True),
+    _e("gpt_neox", "causal", "layers", "mlp.dense_4h_to_h", "mlp.dense_h_to_4h", **_PLAIN,
+       head_on_scored_positions=True),
+    _e("gpt_bigcode", "causal", "h", "mlp.c_proj", "mlp.c_fc", **_PLAIN, head_on_scored_positions=False),
+    _e("opt", "causal", "decoder.layers", "fc2", "fc1", **_PLAIN, head_on_scored_positions=True),
+    _e("bloom", "causal", "h", "mlp.dense_4h_to_h", "mlp.dense_h_to_4h", batch_prompts=False,
+       prefix_from_clean_run=False, head_on_scored_positions=True,
+       partial_blocks=False),  # its ALiBi bias is [batch * heads, ...]: cannot be cut to some rows
+    _e("falcon", "causal", "h", "mlp.dense_4h_to_h", "mlp.dense_h_to_4h", batch_prompts=False,
+       prefix_from_clean_run=False, head_on_scored_positions=True,
+       partial_blocks=True),  # with config.alibi too: the bias reaches the blocks as [batch, heads, ...]
+    _e("phi", "causal", "layers", "mlp.fc2", "mlp.fc1", **_PLAIN, head_on_scored_positions=True),
+    _e("llama", "causal", "layers", "mlp.down_proj", ("mlp.gate_proj", "mlp.up_proj"), gated=True, **_PLAIN,
+       head_on_scored_positions=True),
+    _e("mistral", "causal", "layers", "mlp.down_proj", ("mlp.gate_proj", "mlp.up_proj"), gated=True,
+       **_SLIDING_OPTION),
+    _e("qwen2", "causal", "layers", "mlp.down_proj", ("mlp.gate_proj", "mlp.up_proj"), gated=True,
+       **_SLIDING_OPTION),
+    _e("qwen3", "causal", "layers", "mlp.down_proj", ("mlp.gate_proj", "mlp.up_proj"), gated=True,
+       **_SLIDING_OPTION),
+    _e("olmo2", "causal", "layers", "mlp.down_proj", ("mlp.gate_proj", "mlp.up_proj"), gated=True, **_PLAIN,
+       head_on_scored_positions=True),
+    _e("gemma", "causal", "layers", "mlp.down_proj", ("mlp.gate_proj", "mlp.up_proj"), gated=True, **_PLAIN,
+       head_on_scored_positions=True),
+    _e("gemma2", "causal", "layers", "mlp.down_proj", ("mlp.gate_proj", "mlp.up_proj"), gated=True,
+       prefix_from_clean_run=False, partial_blocks=True, head_on_scored_positions=True,
+       fused_head=False),  # sliding-window cache layers; soft-caps its logits after the LM head
+    _e("gemma3_text", "causal", "layers", "mlp.down_proj", ("mlp.gate_proj", "mlp.up_proj"), gated=True,
+       prefix_from_clean_run=False, partial_blocks=True, head_on_scored_positions=True),  # sliding windows
     _e("phi3", "causal", "layers", "mlp.down_proj", "mlp.gate_up_proj", gated=True,
-       note="gate_up_proj is fused: neuron = act(gate) * up of its two halves"),
-    _e("starcoder2", "causal", "layers", "mlp.c_proj", "mlp.c_fc"),
+       note="gate_up_proj is fused: neuron = act(gate) * up of its two halves", **_SLIDING_OPTION),
+    _e("starcoder2", "causal", "layers", "mlp.c_proj", "mlp.c_fc", **_SLIDING_OPTION),
 ]
 
 ARCHITECTURES: dict[str, ArchSpec] = {spec.model_type: spec for spec in _TABLE}
@@ -104,14 +161,19 @@ ARCHITECTURES: dict[str, ArchSpec] = {spec.model_type: spec for spec in _TABLE}
 
 def register_architecture(model_type: str, *, kind: str, layers: str, ffn_out: str, ffn_in=(),
                           gated: bool = False, unembedding: str | None = None, note: str = "",
-                          batch_prompts: bool = False, replace_existing: bool = False) -> ArchSpec:
+                          batch_prompts: bool = False, replace_existing: bool = False,
+                          **capabilities) -> ArchSpec:
     """Add an architecture to the table (or replace one with ``replace_existing=True``). ``batch_prompts``
-    lets attribution pad several prompts into one batch — leave it off unless checked for this model."""
+    lets attribution pad several prompts into one batch — leave it off unless checked for this model. The
+    engine capabilities (:data:`CAPABILITIES`) default to ``"probe"``."""
     if kind not in ("masked", "causal"):
         raise KneuronsError(f"kind must be 'masked' or 'causal', got {kind!r}")
     if model_type in ARCHITECTURES and not replace_existing:
         raise KneuronsError(f"architecture {model_type!r} is already registered (pass replace_existing=True)")
-    spec = _e(model_type, kind, layers, ffn_out, ffn_in, gated, unembedding, note, batch_prompts)
+    unknown = set(capabilities) - set(CAPABILITIES)
+    if unknown:
+        raise KneuronsError(f"unknown architecture field(s): {', '.join(sorted(unknown))}")
+    spec = _e(model_type, kind, layers, ffn_out, ffn_in, gated, unembedding, note, batch_prompts, **capabilities)
     ARCHITECTURES[model_type] = spec
     return spec
 
@@ -236,7 +298,8 @@ def _guess(model: nn.Module, model_type: str) -> ArchSpec:
         f"ffn_out={ffn_out!r}, kind={kind!r}. Check it, then register_architecture() it.",
         stacklevel=3,
     )
-    return ArchSpec(model_type, kind, layers_path, ffn_out, note="structural guess")
+    return ArchSpec(model_type, kind, layers_path, ffn_out, note="structural guess", partial_blocks=False,
+                    head_on_scored_positions=False)
 
 
 def _looks_masked(model: nn.Module) -> bool:

@@ -101,12 +101,12 @@ def cmd_locate(args) -> int:
     handle = _load(args)
     for p in args.prompts:
         encode(handle, p, args.target)
-    total = rows_per_prompt(handle, args.steps) * len(args.prompts)
+    total = rows_per_prompt(handle, args.steps, method=args.method) * len(args.prompts)
     t = time.time()
-    with _progress_bar(total, "integrated gradients") as bar:
+    with _progress_bar(total, args.method.replace("_", " ")) as bar:
         kn = locate(handle, args.prompts, args.target, steps=args.steps, threshold=args.threshold, p=args.p,
                     min_prompts=args.min_prompts, adaptive=args.adaptive, batch_size=args.batch_size,
-                    score=args.score, progress=bar.update, batch_prompts=args.batch_prompts)
+                    score=args.score, progress=bar.update, batch_prompts=args.batch_prompts, method=args.method)
     elapsed = time.time() - t
     _print_located(kn, elapsed)
     if args.save:
@@ -150,9 +150,10 @@ def _neurons_for(args, handle, kn=None):
         return kn
     from .attribution import rows_per_prompt
 
-    with _progress_bar(rows_per_prompt(handle, args.steps) * len(args.prompts), "locating") as bar:
+    per_prompt = rows_per_prompt(handle, args.steps, method=args.method)
+    with _progress_bar(per_prompt * len(args.prompts), "locating") as bar:
         kn = locate(handle, args.prompts, args.target, steps=args.steps, adaptive=True, progress=bar.update,
-                    batch_size=args.batch_size, score=args.score)
+                    batch_size=args.batch_size, score=args.score, method=args.method)
     print(f"located {len(kn)} knowledge neurons: {kn.neurons}")
     if not kn.neurons:
         raise KneuronsError("no knowledge neurons found for this fact (try more or better paraphrases)")
@@ -243,12 +244,13 @@ def cmd_erase(args) -> int:
         sets = []
         from .attribution import rows_per_prompt
 
-        n_rows = sum(rows_per_prompt(handle, args.steps) * len(it.prompts) for it in chosen)
+        per_prompt = rows_per_prompt(handle, args.steps, method=args.method)
+        n_rows = sum(per_prompt * len(it.prompts) for it in chosen)
         with _progress_bar(n_rows, f"locating {len(chosen)} facts of {rel.id}") as bar:
             for it in chosen:
                 sets.append(locate(handle, list(it.prompts), it.object, steps=args.steps, adaptive=True,
                                    keep_attributions=False, progress=bar.update, batch_size=args.batch_size,
-                                   score=args.score))
+                                   score=args.score, method=args.method))
     shared = shared_neurons(sets, args.min_facts, args.top_k)
     if not shared:
         raise KneuronsError(f"no neuron is shared by {args.min_facts} or more of the {len(sets)} facts' neuron sets "
@@ -317,9 +319,10 @@ def cmd_demo(args) -> int:
     from .attribution import rows_per_prompt
 
     t = time.time()
-    with _progress_bar(rows_per_prompt(handle, args.steps) * len(prompts), "integrated gradients") as bar:
+    with _progress_bar(rows_per_prompt(handle, args.steps, method=args.method) * len(prompts),
+                       args.method.replace("_", " ")) as bar:
         kn = locate(handle, prompts, obj, steps=args.steps, adaptive=True, batch_size=args.batch_size,
-                    progress=bar.update)
+                    method=args.method, progress=bar.update)
     _print_located(kn, time.time() - t)
     if not kn.neurons:
         print("no knowledge neurons at these settings; stopping")
@@ -386,7 +389,7 @@ def _run_config(args):
         facts_per_relation=args.facts_per_relation, seed=args.seed, experiments=args.experiments,
         max_prompts=args.max_prompts, max_candidates=args.max_candidates, known_fraction=args.known_fraction,
         known_rank=args.known_rank, known_among=args.known_among, steps=args.steps, threshold=args.threshold,
-        p=args.p, min_prompts=args.min_prompts, adaptive=not args.fixed_p, score=args.score,
+        p=args.p, min_prompts=args.min_prompts, adaptive=not args.fixed_p, score=args.score, method=args.method,
         bingrel_sentences=args.bingrel_sentences, max_tokens=args.max_tokens, update_lambda1=args.lambda1,
         update_lambda2=args.lambda2, update_space=args.update_space,
         update_drop_shared=none_if(args.update_drop_shared), erase_relations=args.erase_relations,
@@ -484,6 +487,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .attribution.methods import METHODS, SCORES
     from .interventions import SPACES
 
     ap = _Parser(prog="kneurons", description="Knowledge neurons in Hugging Face transformers.")
@@ -516,7 +520,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"integration steps m (default 20, at most {MAX_STEPS})")
         p.add_argument("--batch-size", type=_int_in(1), default=None,
                        help="rows per forward/backward pass (memory budget; default: about 2048 row-positions on CPU)")
-        p.add_argument("--score", choices=["prob", "logprob"], default="prob")
+        p.add_argument("--score", choices=list(SCORES), default="prob")
+        p.add_argument("--method", choices=list(METHODS), default="integrated_gradients",
+                       help="how neurons are found: "
+                            + "; ".join(f"{m.name}: {m.description}" for m in METHODS.values()))
 
     p = sub.add_parser("locate", help="knowledge neurons of one fact from its paraphrase prompts")
     model_args(p)
@@ -524,7 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-prompts", action="store_true",
                    help="the paraphrases' rows share passes (same numbers; pays on a GPU, slower on a small CPU)")
     p.add_argument("--target", "-t", required=True)
-    p.add_argument("--threshold", type=_FRACTION, default=0.2, help="coarse threshold t x max, in (0, 1] (default 0.2)")
+    p.add_argument("--threshold", type=_FRACTION, default=None,
+                   help="coarse threshold t x max, in (0, 1] (default: the method's, 0.2; activation 0.5)")
     p.add_argument("--p", type=_FRACTION, default=0.7, help="sharing fraction p, in (0, 1] (default 0.7)")
     p.add_argument("--min-prompts", type=_int_in(1), default=3)
     p.add_argument("--adaptive", action="store_true", help="move p by 0.05 until 2-5 neurons")

@@ -79,6 +79,8 @@ class ModelHandle:
     name: str
     arch: ResolvedArch = field(repr=False)
     source: str = ""
+    # what the attribution engine found by probing this model (once; see kneurons.attribution.plan.probe)
+    capabilities: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def kind(self) -> str:

@@ -7,6 +7,9 @@
   rounds) until the fact has 2-5 neurons, as the authors did.
 * **Baselines** with the same interface: neurons chosen by activation magnitude (``0.5 x max`` activation at the
   blank, same refining) and random neurons (same count, optionally the same layer distribution), seeded.
+
+:func:`locate` takes any method of the registry :data:`kneurons.attribution.METHODS` (``method=``): the gradient
+methods (integrated gradients, the default; gradient x activation) and the two baselines.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Callable
 import torch
 
 from . import __version__
-from .attribution import DEFAULT_BATCH_SIZE, Attribution, attribute, model_info
+from .attribution import DEFAULT_BATCH_SIZE, Attribution, attribute, get_method, model_info
 from ._io import atomic_write
 from .errors import KneuronsError
 from .hooks import ffn_hooks
@@ -158,7 +161,7 @@ class KnowledgeNeurons:
     base_probs: list[float]
     params: dict
     model: dict
-    method: str = "integrated_gradients"  # | "activation" | "random"
+    method: str = "integrated_gradients"  # a name of kneurons.attribution.METHODS
     version: str = __version__
     created: float = field(default_factory=time.time)
     attributions: list[Attribution] | None = field(default=None, repr=False)
@@ -248,30 +251,54 @@ def _targets_one_fact(prompts, target) -> str:
     return target
 
 
-def locate(handle, prompts: Sequence[str], target, steps: int = 20, threshold: float = 0.2,
+def locate(handle, prompts: Sequence[str], target, steps: int = 20, threshold: float | None = None,
            abs_threshold: float | None = None, top_k: int | None = None, p: float = 0.7, min_prompts: int = 3,
            adaptive: bool = False, score: str = "prob", batch_size: int = DEFAULT_BATCH_SIZE,
            keep_attributions: bool = True, progress: Callable[[int], None] | None = None,
-           batch_prompts: bool = False) -> KnowledgeNeurons:
+           batch_prompts: bool = False, method: str = "integrated_gradients", seed: int = 0) -> KnowledgeNeurons:
     """Refined knowledge neurons of the fact expressed by ``prompts`` (paraphrases) with answer ``target``.
-    ``batch_prompts``: let the paraphrases' rows share passes (see :func:`attribute`)."""
+
+    ``method`` (a name of :data:`kneurons.attribution.METHODS`): ``"integrated_gradients"`` (the paper's) or
+    ``"gradient_x_activation"`` score every neuron per prompt; ``"activation"`` uses the blank activation as the
+    score (the paper's baseline); the coarse neurons of each prompt are those above ``threshold x max`` (default:
+    the method's, 0.2 for attributions and 0.5 for activations; or ``abs_threshold``, or the ``top_k``), refined
+    over the prompts (``p``, ``min_prompts``, ``adaptive``). ``"random"`` returns as many random neurons as
+    integrated gradients finds (or ``top_k``), seeded by ``seed``. ``batch_prompts``: let the paraphrases' rows
+    share passes (see :func:`attribute`)."""
+    m = get_method(method)
     target = _targets_one_fact(prompts, target)
+    threshold = (m.threshold if m.threshold is not None else 0.2) if threshold is None else threshold
     _check_fraction("threshold", threshold)
     _check_fraction("p", p)
     for pr in prompts:  # fail fast on bad prompts before any compute
         encode(handle, pr, target)
-    attrs = attribute(handle, list(prompts), target, steps=steps, score=score, batch_size=batch_size,
-                      progress=progress, batch_prompts=batch_prompts)
-    coarse = [coarse_neurons(a, threshold, abs_threshold, top_k) for a in attrs]
+    if m.kind == "random":
+        like = top_k if top_k is not None else locate(
+            handle, prompts, target, steps, threshold, abs_threshold, None, p, min_prompts, adaptive, score,
+            batch_size, False, progress, batch_prompts)
+        rnd = random_neurons(handle, like, seed=seed)
+        rnd.params["count_from"] = "top_k" if top_k is not None else "integrated_gradients"
+        return rnd
+    params = {"method": m.name, "threshold": threshold, "abs_threshold": abs_threshold, "top_k": top_k, "p": p}
+    if m.kind == "activation":
+        from .prompts import assess
+
+        attrs = None
+        scores = [blank_activations(handle, pr, target) for pr in prompts]
+        base_probs = [a.prob for a in assess(handle, list(prompts), target)]
+    else:
+        attrs = attribute(handle, list(prompts), target, steps=steps, score=score, batch_size=batch_size,
+                          progress=progress, batch_prompts=batch_prompts, method=m.name)
+        scores = attrs
+        base_probs = [a.base_prob for a in attrs]
+        params.update(steps=steps, score=score, batch_size=batch_size)
+    coarse = [coarse_neurons(sc, threshold, abs_threshold, top_k) for sc in scores]
     if adaptive:
         neurons, p_used = refine_adaptive(coarse, p, min_prompts)
     else:
         neurons, p_used = refine(coarse, p, min_prompts), p
-    params = {"steps": steps, "threshold": threshold, "abs_threshold": abs_threshold, "top_k": top_k, "p": p,
-              "p_used": p_used, "min_prompts": min_prompts, "adaptive": adaptive, "score": score,
-              "batch_size": batch_size}
-    return KnowledgeNeurons(neurons, list(prompts), target, coarse, [a.base_prob for a in attrs], params,
-                            model_info(handle), "integrated_gradients",
+    params.update(p_used=p_used, min_prompts=min_prompts, adaptive=adaptive)
+    return KnowledgeNeurons(neurons, list(prompts), target, coarse, base_probs, params, model_info(handle), m.name,
                             attributions=attrs if keep_attributions else None)
 
 
@@ -290,17 +317,10 @@ def blank_activations(handle, prompt: str, target: str) -> torch.Tensor:
 
 def activation_baseline(handle, prompts: Sequence[str], target, threshold: float = 0.5, p: float = 0.7,
                         min_prompts: int = 3, adaptive: bool = False) -> KnowledgeNeurons:
-    """Baseline of the paper: neurons whose *activation* exceeds ``threshold x max``, refined the same way."""
-    target = _targets_one_fact(prompts, target)
-    _check_fraction("threshold", threshold)
-    from .prompts import assess
-
-    acts = [blank_activations(handle, pr, target) for pr in prompts]
-    coarse = [coarse_neurons(a, threshold) for a in acts]
-    neurons, p_used = (refine_adaptive(coarse, p, min_prompts) if adaptive else (refine(coarse, p, min_prompts), p))
-    probs = [a.prob for a in assess(handle, list(prompts), target)]
-    params = {"threshold": threshold, "p": p, "p_used": p_used, "min_prompts": min_prompts, "adaptive": adaptive}
-    return KnowledgeNeurons(neurons, list(prompts), target, coarse, probs, params, model_info(handle), "activation")
+    """Baseline of the paper: neurons whose *activation* exceeds ``threshold x max``, refined the same way
+    (:func:`locate` with ``method="activation"``)."""
+    return locate(handle, prompts, target, threshold=threshold, p=p, min_prompts=min_prompts, adaptive=adaptive,
+                  method="activation")
 
 
 def random_neurons(handle, like: KnowledgeNeurons | int, seed: int = 0, same_layers: bool = False,

@@ -1,6 +1,7 @@
 """Experiment 2 — locate: refined knowledge neurons of each known fact, with the two baselines.
 
-Per fact: ``kn`` (integrated gradients, coarse ``threshold x max``, refined over the fact's prompts, adaptive p
+Per fact: ``kn`` (the run's method, integrated gradients by default — any name of
+:data:`kneurons.attribution.METHODS` —, coarse ``threshold x max``, refined over the fact's prompts, adaptive p
 by default as the authors did), ``activation`` (the paper's baseline: activation above ``0.5 x max``, same
 refining) and ``random`` (as many random neurons as ``kn`` found, seeded by the fact).
 :func:`locate_stats` gives the paper's statistics: neurons per fact, layer distribution, and how many neurons
@@ -17,7 +18,7 @@ from ..attribution import DEFAULT_BATCH_SIZE
 from ..neurons import activation_baseline, locate, random_neurons
 from .common import FactItem, mean, stable_seed
 
-METHODS = ("kn", "activation", "random")
+NEURON_SETS = ("kn", "activation", "random")  # the rows of each fact
 
 
 def _row(method: str, kn, seconds: float) -> dict:
@@ -27,12 +28,14 @@ def _row(method: str, kn, seconds: float) -> dict:
 
 def locate_fact(handle, item: FactItem, seed: int = 0, steps: int = 20, threshold: float = 0.2, p: float = 0.7,
                 min_prompts: int = 3, adaptive: bool = True, activation_threshold: float = 0.5,
-                score: str = "prob", batch_size: int = DEFAULT_BATCH_SIZE) -> list[dict]:
-    """Rows for ``kn``, ``activation`` and ``random`` neurons of one fact (needs >= 2 prompts)."""
+                score: str = "prob", batch_size: int = DEFAULT_BATCH_SIZE,
+                method: str = "integrated_gradients") -> list[dict]:
+    """Rows for ``kn`` (found by ``method``), ``activation`` and ``random`` neurons of one fact (needs >= 2
+    prompts)."""
     t = time.perf_counter()
     kn = locate(handle, list(item.prompts), item.object, steps=steps, threshold=threshold, p=p,
                 min_prompts=min_prompts, adaptive=adaptive, score=score, batch_size=batch_size,
-                keep_attributions=False)
+                keep_attributions=False, method=method, seed=stable_seed(seed, "kn", item.fact_id))
     rows = [_row("kn", kn, time.perf_counter() - t)]
     t = time.perf_counter()
     act = activation_baseline(handle, list(item.prompts), item.object, threshold=activation_threshold, p=p,
@@ -57,7 +60,7 @@ def locate_stats(rows: list[dict], n_layers: int) -> dict:
     """Per method: neurons per fact, share of facts with none, layer histogram (fractions), and the mean number
     of neurons shared by a pair of facts of the same relation vs of different relations."""
     out = {}
-    for method in METHODS:
+    for method in NEURON_SETS:
         sets = neuron_sets(rows, method)
         if not sets:
             continue

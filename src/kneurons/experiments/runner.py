@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from .. import __version__
+from ..attribution import METHODS, SCORES
 from ..data.bingrel import bingrel_filename, load_bingrel
 from ..data.pararel import Pararel, load_pararel
 from ..errors import KneuronsError
@@ -52,6 +53,7 @@ class RunConfig:
     known_fraction: float = 0.5
     known_rank: int = 1
     known_among: str = "vocabulary"
+    method: str = "integrated_gradients"
     steps: int = 20
     threshold: float = 0.2
     p: float = 0.7
@@ -120,8 +122,10 @@ class RunConfig:
         at_least("erase_min_facts", 1, optional=True)
         at_least("batch_size", 1, optional=True)
         at_least("assess_batch_size", 1)
-        if self.score not in ("prob", "logprob"):
-            raise KneuronsError(f"score must be 'prob' or 'logprob', got {self.score!r}")
+        if self.method not in METHODS:
+            raise KneuronsError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.score not in SCORES:
+            raise KneuronsError(f"score must be one of {', '.join(SCORES)}, got {self.score!r}")
         for name in ("update_lambda1", "update_lambda2"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or v != v or v in (float("inf"), float("-inf")):
@@ -145,7 +149,10 @@ class RunConfig:
             raise KneuronsError("give erase_top_k or erase_min_facts")
 
     def identity(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_IDENTITY}
+        ident = {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_IDENTITY}
+        if ident["method"] == "integrated_gradients":  # the default: runs stored before the field existed resume
+            del ident["method"]
+        return ident
 
 
 def pararel_dirs(data) -> tuple[Path, Path | None, Path | None]:
@@ -271,7 +278,7 @@ class Runner:
             self._unit("locate", it.fact_id, it.relation, lambda it=it: locate_fact(
                 self.h, it, seed=cfg.seed, steps=cfg.steps, threshold=cfg.threshold, p=cfg.p,
                 min_prompts=cfg.min_prompts, adaptive=cfg.adaptive, activation_threshold=cfg.activation_threshold,
-                score=cfg.score, **self._ia()), bar)
+                score=cfg.score, method=cfg.method, **self._ia()), bar)
         bar.close()
         self._load_sets()
 
