@@ -309,18 +309,33 @@ def _scored_logits(handle, ids: torch.Tensor, mask: torch.Tensor, chunk: list[En
         return (h[rows, pos],) + tuple(out[1:]) if isinstance(out, tuple) else h[rows, pos]
 
     arch = handle.arch
-    if not arch.guessed and handle.__dict__.get("_kneurons_cut_head", True):
+    # the architecture table says whether the last block's output may be cut (GPT-2 reshapes after it: no);
+    # "probe" is settled on the first call and kept in the handle's declared capabilities (the engine uses the
+    # same entry)
+    allowed = False if arch.guessed else getattr(arch.spec, "head_on_scored_positions", "probe")
+    if allowed == "probe":
+        allowed = handle.capabilities.get("head_on_scored_positions", "probe")
+    if allowed is not False:
         hd = arch.layers[arch.n_layers - 1].register_forward_hook(hook)
         try:
             logits = handle.model(input_ids=ids, attention_mask=mask).logits
-            if cut["done"] and logits.shape[1] == n:
-                return logits
-        except RuntimeError as exc:
-            if "out of memory" in str(exc).lower():
+        except RuntimeError as exc:  # only while probing: a model that reshapes after its last block fails here
+            if allowed is True or isinstance(exc, getattr(torch, "OutOfMemoryError", ())):
                 raise
+            logits = None
         finally:
             hd.remove()
-        handle.__dict__["_kneurons_cut_head"] = False  # e.g. GPT-2 reshapes to the input's shape after its blocks
+        if logits is not None and cut["done"] and logits.shape[1] == n:
+            if allowed == "probe":
+                handle.capabilities["head_on_scored_positions"] = True
+            return logits
+        if allowed is True:
+            raise KneuronsError(f"model type {arch.spec.model_type!r}: the table says its last block's output can be "
+                                "cut to the scored positions, but it could not; set head_on_scored_positions to "
+                                "'probe' or False for it (register_architecture / arch_overrides)")
+        handle.capabilities["head_on_scored_positions"] = False
+        if logits is not None and not cut["done"] and logits.shape[1] == ids.shape[1]:
+            return logits[rows, pos]  # the hook found no [batch, seq, width] output to cut: these are full logits
     return handle.model(input_ids=ids, attention_mask=mask).logits[rows, pos]
 
 
