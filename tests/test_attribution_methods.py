@@ -183,8 +183,7 @@ def test_cli_locate_method(capsys, tmp_path):
         found[method] = json.loads(out.read_text())
         assert found[method]["method"] == method
     assert found["activation"]["params"]["threshold"] == 0.5  # the method's default threshold
-    with pytest.raises(SystemExit):
-        main(["locate", "--model", str(tmp_path / "m"), "--target", "paris", "--method", "lime"] + PROMPTS)
+    assert main(["locate", "--model", str(tmp_path / "m"), "--target", "paris", "--method", "lime"] + PROMPTS) == 2
     assert "invalid choice: 'lime'" in capsys.readouterr().err
 
 

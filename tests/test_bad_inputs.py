@@ -283,7 +283,7 @@ CLI_CASES = [
     ("erase: facts file corrupt", ["erase", *M, "--relation", "capital_of", "--facts", "{corrupt}"], "invalid JSON"),
     # run (refused before anything is written)
     ("run: unknown experiment", ["run", *M, "--data", "{data}", "--out", "{cwd}/r", "--experiments", "assess",
-                                 "dance"], "unknown experiment"),
+                                 "dance"], "invalid choice: 'dance'"),
     ("run: --p 1.5", ["run", *M, "--data", "{data}", "--out", "{cwd}/r", "--p", "1.5"], "argument --p"),
     ("run: --threshold 0", ["run", *M, "--data", "{data}", "--out", "{cwd}/r", "--threshold", "0"],
      "argument --threshold"),
@@ -296,7 +296,7 @@ CLI_CASES = [
     ("run: --steps 0", ["run", *M, "--data", "{data}", "--out", "{cwd}/r", "--steps", "0"], "argument --steps"),
     ("run: --lambda2 nan", ["run", *M, "--data", "{data}", "--out", "{cwd}/r", "--lambda2", "nan"], "finite"),
     ("run: --known-fraction 1", ["run", *M, "--data", "{data}", "--out", "{cwd}/r", "--known-fraction", "1"],
-     "known_fraction must be in [0, 1)"),
+     "argument --known-fraction: must be in [0, 1)"),
     ("run: --update-drop-shared -1", ["run", *M, "--data", "{data}", "--out", "{cwd}/r", "--update-drop-shared",
                                       "-1"], "argument --update-drop-shared"),
     ("run: --erase-top-k -5", ["run", *M, "--data", "{data}", "--out", "{cwd}/r", "--erase-top-k", "-5"],

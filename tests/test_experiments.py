@@ -126,7 +126,7 @@ def test_fact_items_and_bad_options(tmp_path):
     items = fact_items(rel, causal=True, max_prompts=2, indices=[0, 3])
     assert [it.fact_id for it in items] == ["capital_of:0", "capital_of:3"]
     assert all(len(it.prompts) == 2 and all(p.rstrip(" .").endswith("[Y]") for p in it.prompts) for it in items)
-    with pytest.raises(KneuronsError, match="unknown experiment"):
+    with pytest.raises(KneuronsError, match="experiments must be one of"):
         RunConfig(model="m", data=".", experiments=["assess", "teleport"]).check()
     with pytest.raises(KneuronsError, match="known_among"):
         RunConfig(model="m", data=".", known_among="vibes").check()

@@ -382,19 +382,9 @@ def cmd_demo(args) -> int:
 
 def _run_config(args):
     from .experiments.runner import RunConfig
+    from .options import from_arguments
 
-    none_if = lambda v: None if v is not None and v <= 0 else v  # noqa: E731
-    return RunConfig(
-        model=args.model or "smollm2-135m", data=str(args.data), relations=args.relations,
-        facts_per_relation=args.facts_per_relation, seed=args.seed, experiments=args.experiments,
-        max_prompts=args.max_prompts, max_candidates=args.max_candidates, known_fraction=args.known_fraction,
-        known_rank=args.known_rank, known_among=args.known_among, steps=args.steps, threshold=args.threshold,
-        p=args.p, min_prompts=args.min_prompts, adaptive=not args.fixed_p, score=args.score, method=args.method,
-        bingrel_sentences=args.bingrel_sentences, max_tokens=args.max_tokens, update_lambda1=args.lambda1,
-        update_lambda2=args.lambda2, update_space=args.update_space,
-        update_drop_shared=none_if(args.update_drop_shared), erase_relations=args.erase_relations,
-        erase_top_k=none_if(args.erase_top_k), erase_min_facts=args.erase_min_facts, erase_mode=args.erase_mode,
-        dtype=args.dtype, device=args.device, batch_size=args.batch_size)
+    return from_arguments(RunConfig, args)  # every field from its generated option (kneurons.options)
 
 
 def cmd_run(args) -> int:
@@ -585,44 +575,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-model", default=None)
     p.set_defaults(fn=cmd_erase)
 
+    from .experiments.runner import RunConfig
+    from .options import add_arguments
+
     p = sub.add_parser("run", help="every experiment of the paper on PARAREL-layout data, into a resumable run "
                                    "directory")
-    model_args(p)
-    ig_args(p)
-    p.add_argument("--data", required=True, help="directory holding pararel/ (and lama/, bingrel/), or a PARAREL "
-                                                 "directory (query_pairs.json + patterns/)")
+    add_arguments(p, RunConfig)  # one option per RunConfig field: its help, default, range and choices
     p.add_argument("--out", required=True, help="run directory (created; rerun the same command to resume)")
-    p.add_argument("--relations", nargs="+", default=None, help="relation ids (default: all)")
-    p.add_argument("--facts-per-relation", type=_int_in(1), default=10, help="known facts per relation (default 10)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--experiments", nargs="+", default=["assess", "locate", "suppress", "activations", "update",
-                                                        "erase"])
-    p.add_argument("--max-prompts", type=_int_in(2), default=None, help="use at most this many templates per fact")
-    p.add_argument("--max-candidates", type=_int_in(1), default=200,
-                   help="facts assessed per relation while looking for known ones (default 200)")
-    p.add_argument("--known-fraction", type=_number(0.0, 1.0), default=0.5,
-                   help="known = right on more than this fraction of the fact's prompts, in [0, 1) (default 0.5)")
-    p.add_argument("--known-rank", type=_int_in(1), default=1, help="right = rank <= this (default 1)")
-    p.add_argument("--known-among", choices=["vocabulary", "candidates"], default="vocabulary",
-                   help="rank over the whole vocabulary, or among the relation's answers (LAMA/PARAREL style)")
-    p.add_argument("--threshold", type=_FRACTION, default=0.2)
-    p.add_argument("--p", type=_FRACTION, default=0.7)
-    p.add_argument("--min-prompts", type=_int_in(1), default=3)
-    p.add_argument("--fixed-p", action="store_true", help="do not adapt p to get 2-5 neurons per fact")
-    p.add_argument("--lambda1", type=_number(), default=1.0)
-    p.add_argument("--lambda2", type=_number(), default=8.0)
-    p.add_argument("--update-drop-shared", type=_number(0.0, 1.0), default=0.1,
-                   help="update: drop neurons shared by more than this fraction of the relation's facts (0: keep)")
-    p.add_argument("--update-space", choices=SPACES, default="embedding",
-                   help="update: the paper's unembedding rows, the residual directions the output head maps to the "
-                        "targets (head), or the logit gradient at the fact's prompt (gradient)")
-    p.add_argument("--bingrel-sentences", type=_int_in(1), default=10, help="activations: sentences per bag (default 10)")
-    p.add_argument("--max-tokens", type=_int_in(2), default=128, help="activations: truncate sentences (default 128)")
-    p.add_argument("--erase-relations", nargs="+", default=["P19", "P27", "P106", "P937"])
-    p.add_argument("--erase-top-k", type=_int_in(0), default=20,
-                   help="erase the k most shared neurons (0: use --erase-min-facts)")
-    p.add_argument("--erase-min-facts", type=_int_in(1), default=None)
-    p.add_argument("--erase-mode", choices=["unk", "zero"], default="unk")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(fn=cmd_run)
 

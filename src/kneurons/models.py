@@ -123,12 +123,23 @@ class ModelHandle:
         name = name or getattr(model.config, "_name_or_path", None) or model.config.model_type
         return cls(model, tokenizer, str(name), arch, source="in-process")
 
+    def info(self) -> dict:
+        """The model's provenance, as every result records it: name, type, kind, shape, dtype, source."""
+        return {"name": self.name, "model_type": self.model_type, "kind": self.kind, "n_layers": self.n_layers,
+                "d_ff": self.d_ff, "dtype": str(self.dtype).replace("torch.", ""), "source": self.source}
+
+    @property
+    def edits(self) -> list:
+        """The weight edits applied to this handle's model now, oldest first (kept per model: every handle of the
+        model sees the same)."""
+        from .interventions import applied_edits
+
+        return applied_edits(self.model)
+
     def describe(self) -> dict:
-        return {
-            "model": self.name, "model_type": self.model_type, "kind": self.kind, "layers": self.n_layers,
-            "d_ff": self.d_ff, "neurons": self.n_layers * self.d_ff, "dtype": str(self.dtype).replace("torch.", ""),
-            "device": str(self.device), "ffn_out": self.arch.spec.ffn_out,
-        }
+        """:meth:`info` plus where it runs and the FFN projection the neurons are read at."""
+        return {**self.info(), "neurons": self.n_layers * self.d_ff, "device": str(self.device),
+                "ffn_out": self.arch.spec.ffn_out}
 
 
 # ----------------------------------------------------------------------------------------------- loading

@@ -18,9 +18,8 @@ from ..errors import KneuronsError
 
 
 def model_info(handle) -> dict:
-    return {"name": handle.name, "model_type": handle.model_type, "kind": handle.kind,
-            "n_layers": handle.n_layers, "d_ff": handle.d_ff, "dtype": str(handle.dtype).replace("torch.", ""),
-            "source": getattr(handle, "source", "")}
+    """The model's provenance recorded in results (:meth:`kneurons.ModelHandle.info`)."""
+    return handle.info()
 
 
 @dataclass

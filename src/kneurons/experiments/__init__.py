@@ -14,11 +14,13 @@ from .editing import edit_case, evaluate_edits
 from .erase import erase_experiment
 from .locate import locate_fact, locate_stats
 from .paper import PAPER
-from .runner import EXPERIMENTS, RunConfig, Runner, run
+from .registry import EXPERIMENTS, register_experiment
+from .common import Experiment
+from .runner import RunConfig, Runner, run
 from .store import RunStore
 from .suppress import intervene_fact
 from .update import measure_update, update_experiment
 
 __all__ = ["assess_facts", "locate_fact", "locate_stats", "intervene_fact", "bag_activations",
            "neuron_activations", "update_experiment", "measure_update", "erase_experiment", "FactItem", "fact_items", "controls_for",
-           "RunConfig", "Runner", "run", "RunStore", "EXPERIMENTS", "PAPER", "edit_case", "evaluate_edits"]
+           "RunConfig", "Runner", "run", "RunStore", "EXPERIMENTS", "Experiment", "register_experiment", "PAPER", "edit_case", "evaluate_edits"]

@@ -21,6 +21,8 @@ from ..errors import KneuronsError
 from ..hooks import ffn_hooks
 from ..prompts import pad_id
 from .common import FactItem, rng_for
+from ..data.bingrel import bingrel_filename, load_bingrel
+from .common import Experiment
 
 BAGS = ("head_tail", "head_only", "random")
 
@@ -99,3 +101,42 @@ def bag_activations(handle, item: FactItem, neurons, bags, all_bags: list, fact_
         rows.append({"bag": bag, "n_sentences": len(sents), "n_neurons": len(neurons),
                      "mean_activation": float(stats["mean"].mean()), "max_activation": float(stats["max"].mean())})
     return rows
+
+
+def run_activations(runner) -> None:
+    cfg, store = runner.cfg, runner.store
+    if runner.bingrel_dir is None:
+        store.set_meta("activations_skipped", "no bingrel/ directory next to the PARAREL data")
+        return
+    missing, bad = [], {}
+    bar = runner.bar(len(runner.all_known()), "activations (BingRel)")
+    for rid, items in runner.known.items():
+        if not (runner.bingrel_dir / bingrel_filename(rid)).is_file():
+            missing.append(rid)
+            bar.update(len(items))
+            continue
+        if all(store.has("activations", it.fact_id) for it in items):
+            bar.update(len(items))
+            continue
+        try:
+            bags = load_bingrel(runner.bingrel_dir, rid, n_facts=len(runner.data.relation(rid).facts))
+        except KneuronsError as exc:  # a bad file: recorded (and reported), the run goes on (resumable)
+            bad[rid] = str(exc)
+            bar.update(len(items))
+            continue
+        for it in items:
+            idx = int(it.fact_id.rsplit(":", 1)[1])
+            kn = runner.sets.get(it.fact_id, {}).get("kn", [])
+            runner.unit("activations", it.fact_id, rid, lambda it=it, idx=idx, kn=kn: bag_activations(
+                runner.h, it, kn, bags[idx], bags, idx, seed=cfg.seed, n_sentences=cfg.bingrel_sentences,
+                max_tokens=cfg.max_tokens), bar)
+    bar.close()
+    store.set_meta("activations_missing_relations", missing)
+    store.set_meta("activations_bad_files", bad)
+
+
+EXPERIMENT = Experiment(
+    "activations", "activations (BingRel)", "fact", run_activations, needs=("locate",),
+    fields=("bingrel_sentences", "max_tokens"),
+    section="activations", summarize="kneurons.report.numbers:activations_section",
+    render="kneurons.report.render:activations_html", figures=(("activations", "kneurons.report.figures:activations"),))

@@ -14,6 +14,7 @@ from __future__ import annotations
 from ..errors import KneuronsError
 from ..prompts import assess, encode
 from .common import FactItem, mean
+from .common import Experiment, fact_items, rng_for
 
 
 KNOWN_AMONG = ("vocabulary", "candidates")
@@ -63,3 +64,50 @@ def assess_facts(handle, items: list[FactItem], known_fraction: float = 0.5, kno
                     "mean_rank": mean(a.rank for a in mine),
                     "known": bool(mine) and not row["error"] and n_right > known_fraction * len(mine)})
     return rows
+
+
+def run_assess(runner) -> None:
+    """Facts of each relation in a seeded order, assessed in chunks until ``facts_per_relation`` known ones are
+    found (at most ``max_candidates`` tried); the known facts are the later experiments' facts."""
+    cfg, store = runner.cfg, runner.store
+    causal = runner.h.is_causal
+    skipped = {}
+    bar = runner.bar(len(runner.data.relations) * cfg.facts_per_relation, "assess (known facts)")
+    for rid in runner.data.relations:
+        rel = runner.data.relation(rid)
+        usable = len(rel.causal_templates) if causal else len(rel.templates)
+        if usable < 2:
+            skipped[rid] = f"{usable} usable template(s); refining needs 2"
+            bar.update(cfg.facts_per_relation)
+            continue
+        order = list(range(len(rel.facts)))
+        rng_for(cfg.seed, "facts", rid).shuffle(order)
+        order = order[: cfg.max_candidates]
+        cands = runner.candidates(rid) if cfg.known_among == "candidates" else None
+        known = []
+        for start in range(0, len(order), 16):
+            chunk = fact_items(rel, causal, cfg.max_prompts, order[start: start + 16])
+            todo = [it for it in chunk if not store.has("assess", it.fact_id)]
+            if todo:
+                rows = assess_facts(runner.h, todo, cfg.known_fraction, cfg.known_rank, cfg.known_among, cands,
+                                    batch_size=cfg.assess_batch_size)
+                for it, row in zip(todo, rows):
+                    store.put("assess", it.fact_id, rid, [row])
+            for it in chunk:
+                if store.get("assess", it.fact_id)[0]["known"] and len(known) < cfg.facts_per_relation:
+                    known.append(it)
+                    bar.update(1)
+            if len(known) >= cfg.facts_per_relation:
+                break
+        bar.update(cfg.facts_per_relation - len(known))
+        runner.known[rid] = known
+    bar.close()
+    store.set_meta("skipped_relations", skipped)
+    store.set_meta("known_facts", {rid: [it.fact_id for it in v] for rid, v in runner.known.items()})
+
+
+EXPERIMENT = Experiment(
+    "assess", "assess (known facts)", "fact", run_assess,
+    fields=("relations", "facts_per_relation", "seed", "max_prompts", "max_candidates", "known_fraction",
+            "known_rank", "known_among", "assess_batch_size"),
+    section="facts", summarize="kneurons.report.numbers:facts_section", render="kneurons.report.render:facts_html")

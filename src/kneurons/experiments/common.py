@@ -71,3 +71,40 @@ def controls_for(item: FactItem, known: list[FactItem], seed: int, n_facts: int 
 def mean(values) -> float:
     values = [float(v) for v in values]
     return sum(values) / len(values) if values else float("nan")
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One experiment of ``kneurons run``, declared once and used by the runner, the report and the CLI.
+
+    ``name``: its key in the run store and in ``--experiments``. ``unit``: what one stored result is about (a
+    ``"fact"`` or a ``"relation"``). ``needs``: experiments whose stored results it reads (they run first).
+    ``fields``: the :class:`~kneurons.experiments.runner.RunConfig` fields it reads. ``run(runner)``: computes and
+    stores its units through ``runner.unit(...)``, which skips the ones already stored (so a rerun resumes).
+    ``section``: its key in the report's summary; ``summarize``, ``render`` and ``figures`` name the report's
+    functions for it as ``"module:function"`` (imported only when a report is made, so the report stays
+    downstream of the experiments): ``summarize(run_data, issues) -> dict``, ``render(section, figures) -> html``,
+    each figure ``figure(summary) -> Figure | None``.
+    """
+
+    name: str
+    title: str
+    unit: str
+    run: object  # Callable[[Runner], None]
+    needs: tuple[str, ...] = ()
+    fields: tuple[str, ...] = ()
+    section: str = ""
+    summarize: str | None = None
+    render: str | None = None
+    figures: tuple[str, ...] = ()
+
+    def part(self, what: str):
+        """The report function named by ``summarize`` / ``render`` (or one of ``figures``: ``what`` is then that
+        reference), imported on first use."""
+        import importlib
+
+        ref = getattr(self, what, None) if what in ("summarize", "render") else what
+        if ref is None:
+            return None
+        module, _, name = ref.partition(":")
+        return getattr(importlib.import_module(module), name)

@@ -15,6 +15,8 @@ from collections import Counter
 from ..interventions import erase_relation, shared_neurons
 from ..prompts import assess, perplexity_of
 from .assess import is_right
+from ..neurons import random_neurons
+from .common import Experiment, rng_for, stable_seed
 
 
 def measure(handle, items: list[tuple[str, str, list[str] | None]], known_rank: int = 1,
@@ -57,3 +59,41 @@ def erase_experiment(handle, neuron_sets: list[list], erased: list[tuple[str, st
                          "ppl_before": base[g][0], "ppl_after": after[g][0],
                          "acc_before": base[g][1], "acc_after": after[g][1]})
     return rows
+
+
+def run_erase(runner) -> None:
+    cfg = runner.cfg
+    wanted = cfg.erase_relations if cfg.erase_relations is not None else list(runner.known)
+    chosen = [r for r in wanted if r in runner.known]
+    runner.store.set_meta("erase_not_in_run", [r for r in wanted if r not in runner.known])
+    bar = runner.bar(len(chosen), "erase", unit="relation")
+    rule = {"known_rank": cfg.known_rank, "known_among": cfg.known_among, "batch_size": cfg.assess_batch_size}
+    cands = {rid: runner.candidates(rid) if cfg.known_among == "candidates" else None for rid in runner.known}
+    for rid in chosen:
+        def compute(rid=rid):
+            items = runner.known[rid]
+            sets = [runner.sets.get(it.fact_id, {}).get("kn", []) for it in items]
+            if not any(sets):
+                return [{"method": "kn", "n_neurons": 0, "skipped": "no knowledge neurons in the relation"}]
+            erased = [(p, it.object, cands[rid]) for it in items for p in it.prompts]
+            r = rng_for(cfg.seed, "erase", rid)
+            others = []
+            for orid, oitems in runner.known.items():
+                if orid != rid:
+                    for it in r.sample(oitems, min(cfg.ppl_facts, len(oitems))):
+                        others += [(p, it.object, cands[orid]) for p in it.prompts]
+            seed = stable_seed(cfg.seed, "erase-random", rid)
+            return erase_experiment(runner.h, sets, erased, others,
+                                    random_like=lambda n, exclude: random_neurons(runner.h, n, seed=seed,
+                                                                                   exclude=exclude).neurons,
+                                    top_k=cfg.erase_top_k, min_facts=cfg.erase_min_facts, mode=cfg.erase_mode,
+                                    **rule)
+        runner.unit("erase", rid, rid, compute, bar)
+    bar.close()
+
+
+EXPERIMENT = Experiment(
+    "erase", "erase relations", "relation", run_erase, needs=("locate",),
+    fields=("erase_relations", "erase_top_k", "erase_min_facts", "erase_mode", "ppl_facts"),
+    section="erase", summarize="kneurons.report.numbers:erase_section", render="kneurons.report.render:erase_html",
+    figures=(("erase", "kneurons.report.figures:erase"),))

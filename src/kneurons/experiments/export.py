@@ -14,10 +14,10 @@ from pathlib import Path
 
 from .. import _io
 from ..errors import KneuronsError
+from .registry import EXPERIMENTS
 from .store import CONFIG, RunStore, check_output_target
 
 FORMATS = ("parquet", "csv")
-EXPERIMENTS = ("assess", "locate", "suppress", "activations", "update", "erase")
 
 
 def _legacy_export_file(name: str) -> bool:

@@ -17,6 +17,7 @@ from itertools import combinations
 from ..attribution import DEFAULT_BATCH_SIZE
 from ..neurons import activation_baseline, locate, random_neurons
 from .common import FactItem, mean, stable_seed
+from .common import Experiment
 
 NEURON_SETS = ("kn", "activation", "random")  # the rows of each fact
 
@@ -76,3 +77,25 @@ def locate_stats(rows: list[dict], n_layers: int) -> dict:
                        "shared_same_relation": mean(intra), "shared_other_relation": mean(inter),
                        "pairs_same_relation": len(intra), "pairs_other_relation": len(inter)}
     return out
+
+
+def run_locate(runner) -> None:
+    cfg = runner.cfg
+    items = runner.all_known()
+    bar = runner.bar(len(items), "locate")
+    extra = {"batch_size": cfg.batch_size} if cfg.batch_size else {}
+    for it in items:
+        runner.unit("locate", it.fact_id, it.relation, lambda it=it: locate_fact(
+            runner.h, it, seed=cfg.seed, steps=cfg.steps, threshold=cfg.threshold, p=cfg.p,
+            min_prompts=cfg.min_prompts, adaptive=cfg.adaptive, activation_threshold=cfg.activation_threshold,
+            score=cfg.score, method=cfg.method, **extra), bar)
+    bar.close()
+    runner.load_sets()
+
+
+EXPERIMENT = Experiment(
+    "locate", "knowledge neurons", "fact", run_locate, needs=("assess",),
+    fields=("method", "steps", "threshold", "p", "min_prompts", "adaptive", "activation_threshold", "score",
+            "batch_size"),
+    section="locate", summarize="kneurons.report.numbers:locate_section", render="kneurons.report.render:locate_html",
+    figures=(("locate", "kneurons.report.figures:locate_layers"),))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from ..interventions import measure_intervention, score
 from .common import FactItem, mean
+from .common import Experiment, controls_for
 
 OPS = {"suppress": 0.0, "amplify": 2.0}
 GROUPS = ("fact", "same_relation", "other_relation")
@@ -37,3 +38,23 @@ def intervene_fact(handle, item: FactItem, neuron_sets: dict[str, list], control
                              "before": mean(r["before"] for r in mine), "after": mean(r["after"] for r in mine),
                              "rel_change": mean(r["rel_change"] for r in mine)})
     return rows
+
+
+def run_suppress(runner) -> None:
+    cfg = runner.cfg
+    known = runner.all_known()
+    bar = runner.bar(len(known), "suppress/amplify")
+    for it in known:
+        sets = runner.sets.get(it.fact_id, {})
+        runner.unit("suppress", it.fact_id, it.relation, lambda it=it, sets=sets: intervene_fact(
+            runner.h, it, sets, controls_for(it, known, cfg.seed, cfg.control_facts, cfg.control_prompts),
+            batch_size=cfg.assess_batch_size), bar)
+    bar.close()
+
+
+EXPERIMENT = Experiment(
+    "suppress", "suppress and amplify", "fact", run_suppress, needs=("locate",),
+    fields=("control_facts", "control_prompts", "assess_batch_size"),
+    section="suppress", summarize="kneurons.report.numbers:suppress_section", render="kneurons.report.render:suppress_html",
+    figures=(("suppress", "kneurons.report.figures:suppress_relations"),
+             ("suppress_controls", "kneurons.report.figures:suppress_controls")))

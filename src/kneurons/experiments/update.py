@@ -16,6 +16,8 @@ from collections import Counter
 from ..interventions import target_vectors, update_fact
 from ..prompts import assess, perplexity_of
 from .common import FactItem, mean
+from ..errors import KneuronsError
+from .common import Experiment, rng_for
 
 
 def shared_by_more_than(neuron_sets, fraction: float | None) -> set:
@@ -72,3 +74,42 @@ def update_experiment(handle, item: FactItem, new_target: str, neuron_sets: dict
             row[f"{k}_after"] = after[k]
         rows.append(row)
     return rows
+
+
+def run_update(runner) -> None:
+    cfg = runner.cfg
+    known = runner.all_known()
+    bar = runner.bar(len(known), "update")
+    for rid, items in runner.known.items():
+        kn_sets = {it.fact_id: runner.sets.get(it.fact_id, {}).get("kn", []) for it in items}
+        drop = shared_by_more_than(kn_sets.values(), cfg.update_drop_shared)
+        objects = runner.candidates(rid)
+        for it in items:
+            kn = [n for n in kn_sets[it.fact_id] if n not in drop]
+            rnd = runner.sets.get(it.fact_id, {}).get("random", [])[: len(kn)]
+            others = [o for o in objects if o != it.object]
+
+            def compute(it=it, kn=kn, rnd=rnd, others=others, rid=rid):
+                if not kn:
+                    return [{"method": "kn", "n_neurons": 0, "skipped": "no knowledge neurons to edit"}]
+                if not others:
+                    raise KneuronsError(f"relation {rid} has no other answer to update to")
+                new = rng_for(cfg.seed, "update", it.fact_id).choice(others)
+                r = rng_for(cfg.seed, "update-controls", it.fact_id)
+                same = [k for k in known if k.relation == rid and k.fact_id != it.fact_id]
+                other = [k for k in known if k.relation != rid]
+                intra = runner.ppl_pairs(r.sample(same, min(cfg.ppl_facts, len(same))))
+                inter = runner.ppl_pairs(r.sample(other, min(cfg.ppl_facts, len(other))))
+                return update_experiment(runner.h, it, new, {"kn": kn, "random": rnd}, intra, inter,
+                                         cfg.update_lambda1, cfg.update_lambda2, cfg.assess_batch_size,
+                                         space=cfg.update_space)
+            runner.unit("update", it.fact_id, rid, compute, bar)
+    bar.close()
+
+
+EXPERIMENT = Experiment(
+    "update", "update facts", "fact", run_update, needs=("locate",),
+    fields=("update_lambda1", "update_lambda2", "update_drop_shared", "update_space", "ppl_facts",
+            "control_prompts"),
+    section="update", summarize="kneurons.report.numbers:update_section", render="kneurons.report.render:update_html",
+    figures=(("update", "kneurons.report.figures:update"),))

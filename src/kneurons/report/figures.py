@@ -275,15 +275,15 @@ def erase(s: dict):
                   "four relations.", _png(fig))
 
 
-FIGURES = {"locate": locate_layers, "suppress": suppress_relations, "suppress_controls": suppress_controls,
-           "activations": activations, "update": update, "erase": erase}
-
-
 def make_figures(s: dict) -> dict:
-    """``{key: Figure}`` for every section that has data."""
+    """``{key: Figure}`` for every figure the registered experiments name (:attr:`Experiment.figures`) that has
+    data."""
+    from ..experiments.registry import EXPERIMENTS
+
     out = {}
-    for key, fn in FIGURES.items():
-        fig = fn(s)
-        if fig is not None:
-            out[key] = fig
+    for e in EXPERIMENTS.values():
+        for key, ref in e.figures:
+            fig = e.part(ref)(s)
+            if fig is not None:
+                out[key] = fig
     return out

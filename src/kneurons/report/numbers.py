@@ -23,9 +23,9 @@ from .. import __version__
 from ..errors import KneuronsError
 from ..experiments.locate import locate_stats
 from ..experiments.paper import PAPER, PAPER_MODEL
+from ..experiments.registry import EXPERIMENTS
 from ..experiments.store import RunStore, describe_skipped
 
-EXPERIMENTS = ("assess", "locate", "suppress", "activations", "update", "erase")
 META_KEYS = ("model_info", "device", "skipped_relations", "known_facts", "activations_skipped",
              "activations_missing_relations", "activations_bad_files", "erase_not_in_run", "weights_restored",
              "last_run_seconds", "complete", "created")
@@ -168,7 +168,7 @@ def _error_units(d: RunData) -> dict[str, int]:
     return out
 
 
-def _facts_section(d: RunData, issues: dict) -> dict:
+def facts_section(d: RunData, issues: dict) -> dict:
     # assess error rows (a fact the model cannot be asked) are facts assessed and not known
     issues["assess"] = split_rows(d.tables["assess"], need=("relation",))[1]
     known_used = d.meta.get("known_facts") or {}
@@ -189,7 +189,7 @@ def _facts_section(d: RunData, issues: dict) -> dict:
             "per_relation": per}
 
 
-def _locate_section(d: RunData, issues: dict) -> dict:
+def locate_section(d: RunData, issues: dict) -> dict:
     df, issues["locate"] = split_rows(d.tables["locate"], need=("method", "neurons", "relation"))
     info = d.meta.get("model_info") or {}
     rows = df.to_dict("records")
@@ -222,7 +222,7 @@ def _by_fact(df: pd.DataFrame, value: str) -> dict:
             "n_facts": int(df["unit"].nunique()), "per_relation": per}
 
 
-def _suppress_section(d: RunData, issues: dict) -> dict:
+def suppress_section(d: RunData, issues: dict) -> dict:
     df, issues["suppress"] = split_rows(d.tables["suppress"], need=("method", "op", "group", "relation"))
     out = {"facts": int(df["unit"].nunique()) if len(df) else 0, "ops": {}, "paper": {op: PAPER[op] for op in OPS}}
     if not len(df):
@@ -239,7 +239,7 @@ def _suppress_section(d: RunData, issues: dict) -> dict:
     return out
 
 
-def _activations_section(d: RunData, issues: dict) -> dict:
+def activations_section(d: RunData, issues: dict) -> dict:
     df, issues["activations"] = split_rows(d.tables["activations"], need=("bag", "relation"))
     out = {"facts": int(df["unit"].nunique()) if len(df) else 0, "facts_with_neurons": 0, "bags": {},
            "skipped": d.meta.get("activations_skipped"),
@@ -260,7 +260,7 @@ def _activations_section(d: RunData, issues: dict) -> dict:
     return out
 
 
-def _update_section(d: RunData, issues: dict) -> dict:
+def update_section(d: RunData, issues: dict) -> dict:
     full = d.tables["update"]
     df, issues["update"] = split_rows(full, need=("method", "relation"))
     skipped_units = {u for u, kind, _ in issues["update"] if kind == "skipped"}
@@ -289,7 +289,7 @@ def _update_section(d: RunData, issues: dict) -> dict:
     return out
 
 
-def _erase_section(d: RunData, issues: dict) -> dict:
+def erase_section(d: RunData, issues: dict) -> dict:
     full = d.tables["erase"]
     df, issues["erase"] = split_rows(full, need=("method", "group"))
     out = {"relations": {}, "skipped": {}, "errors": {}, "not_in_run": d.meta.get("erase_not_in_run") or [],
@@ -389,9 +389,11 @@ def _compare(s: dict) -> list[dict]:
 
 def compute_summary(d: RunData) -> dict:
     issues: dict = {}
-    s = {"run": _run_section(d), "facts": _facts_section(d, issues), "locate": _locate_section(d, issues),
-         "suppress": _suppress_section(d, issues), "activations": _activations_section(d, issues),
-         "update": _update_section(d, issues), "erase": _erase_section(d, issues)}
+    s = {"run": _run_section(d)}
+    for e in EXPERIMENTS.values():  # each experiment's section, by the function its registry entry names
+        summarize = e.part("summarize")
+        if summarize is not None:
+            s[e.section or e.name] = summarize(d, issues)
     s["issues"] = _issues_section(d, issues)
     s["compare"] = _compare(s)
     return _clean(s)
