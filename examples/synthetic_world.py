@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import statistics
 
-import torch
-
 from kneurons.interventions import (erase_relation, measure_intervention, perplexity, shared_neurons, success,
                                     update_fact)
 from kneurons.neurons import locate, random_neurons
@@ -24,10 +22,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kind", choices=["causal", "masked"], default="causal")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--subjects-located", type=int, default=12)
+    ap.add_argument("--subjects", type=int, default=40, help="subjects in the world (TRAINING is set for 40)")
+    ap.add_argument("--subjects-located", type=int, default=6)
     args = ap.parse_args()
-    torch.set_num_threads(2)
-    world = make_world(seed=args.seed)
+    world = make_world(n_subjects=args.subjects, seed=args.seed)
     h = train_model(world, args.kind, seed=args.seed, log=print, **TRAINING[args.kind])
     print(h.source)
     P = (lambda ps: [p.replace("[Y]", "[MASK]") for p in ps]) if h.is_masked else list

@@ -4,19 +4,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
 from kneurons.experiments import RunConfig, run
-from kneurons.synthetic import make_world, train_model
+from kneurons.synthetic import TRAINING, make_world, train_model
 
 RELATIONS = ["born_in", "citizen_of", "works_as", "speaks"]
 
 
 def world_and_model(base: Path, kind: str = "causal"):
-    """Train (seeded) and save a tiny model and its world's data under ``base``; returns (world, handle)."""
-    torch.set_num_threads(2)
+    """Train and save a tiny model and its world's data under ``base``; returns (world, handle). Trained with
+    the science tests' settings (``TRAINING``: on one thread, so the model is the same at any thread setting of the
+    test process)."""
     world = make_world(n_subjects=30, n_objects=5, relations=RELATIONS, seed=0)
-    h = train_model(world, kind, seed=0, steps=1500)
+    h = train_model(world, kind, seed=0, **TRAINING[kind])
     world.to_pararel(base / "data")
     h.model.save_pretrained(base / "model")
     h.tokenizer.save_pretrained(base / "model")

@@ -23,6 +23,7 @@ from kneurons.experiments.export import export
 from kneurons.experiments.store import CONFIG, DATABASE, DB_SIDE, LOCK
 from kneurons.hooks import capture
 from kneurons.prompts import assess
+from paired import median_lower_bound, sign_test_p
 from runs import config, make_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,9 +146,11 @@ def _tables(run_dir) -> dict[str, pd.DataFrame]:
 
 
 def test_run_reproduces_the_papers_patterns_on_the_synthetic_world(synthetic_run):
-    """Measured on this fixture (seed 0): suppress kn -31% vs random 0%; amplify +2.3% vs 0%; update success@1
-    31% vs 0%; erase: erased relations' perplexity +16%/+33% vs others +0.5%/+1.5%. Asserted with margins, each
-    a bound that the random-neuron control fails."""
+    """The run's tables show the paper's patterns against their controls, per fact and paired (the claims
+    themselves, with more facts and seeds, are tested in test_synthetic_world.py): suppressing a fact's knowledge
+    neurons lowers it more than as many random neurons and more than other relations' facts (99 % lower bounds of
+    the median per-fact difference above 0), updates through them succeed where random neurons fail (exact sign
+    test), erasing a relation raises its perplexity more than the others' and more than a random erasure."""
     st = RunStore(synthetic_run / "run")
     assert st.meta("complete") and st.meta("weights_restored")
     assess_t, loc = st.table("assess"), st.table("locate")
@@ -160,23 +163,25 @@ def test_run_reproduces_the_papers_patterns_on_the_synthetic_world(synthetic_run
     assert (kn == rnd).all() and (kn > 0).sum() >= 15  # random sets copy the count
 
     sup = st.table("suppress")
-    fact = sup[sup.group == "fact"].groupby(["op", "method"]).rel_change.mean()
-    assert fact["suppress", "kn"] <= -0.15 and abs(fact["suppress", "random"]) <= 0.01
-    assert fact["amplify", "kn"] >= 0.01 and abs(fact["amplify", "random"]) <= 0.005
-    other = sup[(sup.group == "other_relation") & (sup.method == "kn") & (sup.op == "suppress")].rel_change.mean()
-    assert abs(other) * 5 < abs(fact["suppress", "kn"])  # other relations' facts barely move
+    per_fact = sup.groupby(["op", "method", "group", "unit"]).rel_change.mean()
+    kn_sup = per_fact["suppress", "kn", "fact"]
+    assert {(op, m) for op, m, _, _ in per_fact.index} == {(op, m) for op in ("suppress", "amplify")
+                                                           for m in ("kn", "random", "activation")}
+    vs_random = (per_fact["suppress", "random", "fact"] - kn_sup).dropna()
+    vs_other = (per_fact["suppress", "kn", "other_relation"] - kn_sup).dropna()
+    assert len(vs_random) >= 15 and len(vs_other) >= 15
+    assert median_lower_bound(vs_random) > 0 and median_lower_bound(vs_other) > 0
 
     upd = st.table("update")
     upd = upd[upd.get("skipped").isna()] if "skipped" in upd else upd
-    s1 = upd.groupby("method").success1_after.mean()
-    assert s1["kn"] >= 0.15 and s1["random"] <= 0.05
+    s1 = upd.groupby(["method", "unit"]).success1_after.mean()
+    better = (s1["kn"] - s1["random"]).dropna()
+    assert sign_test_p(int((better > 0).sum()), int((better < 0).sum())) < 0.01
 
     er = st.table("erase").set_index(["unit", "method", "group"])
     change = (er.ppl_after - er.ppl_before) / er.ppl_before
     for rel in ("born_in", "speaks"):
-        assert change[rel, "kn", "erased"] >= 0.08
-        assert change[rel, "kn", "erased"] >= 3 * change[rel, "kn", "other"]
-        assert abs(change[rel, "random", "erased"]) <= 0.02
+        assert change[rel, "kn", "erased"] > max(change[rel, "kn", "other"], change[rel, "random", "erased"])
 
     act = st.table("activations").dropna(subset=["mean_activation"]).groupby("bag").mean_activation.mean()
     # measured: head_tail 0.77, head_only 0.14, random (other facts' sentences of the relation) 0.68
@@ -184,7 +189,7 @@ def test_run_reproduces_the_papers_patterns_on_the_synthetic_world(synthetic_run
 
     base = loc[loc.method == "activation"].n_neurons
     assert (base > 0).sum() >= 15  # the activation baseline finds neurons too (its effect is measured above)
-    assert fact["suppress", "activation"] < fact["suppress", "random"]
+    assert per_fact["suppress", "activation", "fact"].mean() < per_fact["suppress", "random", "fact"].mean()
 
 
 def test_rerun_is_a_no_op_and_other_config_refused(synthetic_run, tmp_path):

@@ -66,11 +66,11 @@ class ArchSpec:
     gated: bool = False
     unembedding: str | None = None
     note: str = ""
-    # attribution may put several prompts' rows in one batch (padded, with an attention mask); checked per entry
-    # in tests/test_attribution.py against one-prompt runs
+    # attribution may put several prompts' rows in one batch (padded, with an attention mask); the prompt-batching
+    # tests in tests/test_attribution.py compare it with one-prompt runs
     batch_prompts: bool = True
-    # what the attribution engine may do (True / False / "probe"); checked per entry in tests/test_attribution.py
-    # against the probe and, forced either way, against a naive reference
+    # what the attribution engine may do (True / False / "probe"); checked per entry in
+    # tests/test_attribution_plan.py against the probe and, forced either way, against a naive reference
     prefix_from_clean_run: bool | str = "probe"
     partial_blocks: bool | str = "probe"
     head_on_scored_positions: bool | str = "probe"

@@ -11,8 +11,7 @@ both the command line (generated from the dataclass) and the configuration's own
     config = from_arguments(Config, parser.parse_args(argv))
 
 A bad value is one line naming the option and the rule (:class:`~kneurons.errors.KneuronsError`; on the command
-line argparse's ``argument --steps: ...``). This module imports nothing heavy: the CLI builds its parser from it
-before torch is loaded.
+line argparse's ``argument --steps: ...``). This module itself imports nothing heavy.
 """
 
 from __future__ import annotations

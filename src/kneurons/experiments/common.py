@@ -83,7 +83,7 @@ class Experiment:
     stores its units through ``runner.unit(...)``, which skips the ones already stored (so a rerun resumes).
     ``section``: its key in the report's summary; ``summarize``, ``render`` and ``figures`` name the report's
     functions for it as ``"module:function"`` (imported only when a report is made, so the report stays
-    downstream of the experiments): ``summarize(run_data, issues) -> dict``, ``render(section, figures) -> html``,
+    downstream of the experiments): ``summarize(run_data, issues) -> dict``, ``render(summary, figures) -> html``,
     each figure ``figure(summary) -> Figure | None``.
     """
 

@@ -81,7 +81,7 @@ class RunConfig:
                                help="update: the paper's unembedding rows, the residual directions the output head "
                                     "maps to the targets (head), or the logit gradient at the fact's prompt "
                                     "(gradient)")
-    ppl_facts: int = option(5, lo=1, help="update/erase: facts of other relations whose perplexity is measured")
+    ppl_facts: int = option(5, lo=1, help="update/erase: facts (of the same and of other relations) whose perplexity is measured")
     erase_relations: list[str] | None = option(default_factory=lambda: list(DEFAULT_ERASE), many=True,
                                                help="relations to erase")
     erase_top_k: int | None = option(20, lo=1, zero_means_none=True,
