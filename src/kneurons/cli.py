@@ -430,9 +430,6 @@ def cmd_report(args) -> int:
 # Each option's value is checked by argparse (before anything is loaded); a bad value ends in one line
 # "kneurons: error: argument --x: ..." and exit code 2.
 
-MAX_STEPS = 10_000  # integration steps: the paper uses 20; beyond this the rows alone fill memory and hours
-
-
 def _int_in(lo: int, hi: int | None = None):
     def parse(text: str) -> int:
         try:
@@ -477,7 +474,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .attribution.methods import METHODS, SCORES
+    from .attribution.methods import MAX_STEPS, METHODS, SCORES
     from .interventions import SPACES
 
     ap = _Parser(prog="kneurons", description="Knowledge neurons in Hugging Face transformers.")

@@ -31,6 +31,7 @@ from .methods import (METHODS, RULES, SCORES, IntegrationPath, Method, Score, ga
                       get_score, one_point, riemann_left, riemann_middle, riemann_right, riemann_trapezoid)
 from .plan import SHORTCUTS, ExecutionPlan, Options
 from .result import Attribution, model_info
+from .methods import MAX_STEPS
 from .rows import DEFAULT_TOKENS_PER_PASS, DEFAULT_TOKENS_PER_PASS_GPU, default_rows_per_pass, rows_per_layer
 
 DEFAULT_BATCH_SIZE = None  # whole layers, about DEFAULT_TOKENS_PER_PASS row-positions per pass
@@ -40,7 +41,7 @@ __all__ = [
     "SCORES", "RULES", "IntegrationPath", "Method", "Score", "Options", "ExecutionPlan", "SHORTCUTS",
     "riemann_right", "riemann_left", "riemann_middle", "riemann_trapezoid", "gauss_legendre", "one_point",
     "get_method", "get_score", "model_info", "default_rows_per_pass", "rows_per_layer", "DEFAULT_TOKENS_PER_PASS",
-    "DEFAULT_TOKENS_PER_PASS_GPU",
+    "DEFAULT_TOKENS_PER_PASS_GPU", "MAX_STEPS",
 ]
 
 
@@ -52,7 +53,7 @@ def integrated_gradients(handle, prompt: str, target: str, steps: int = 20, scor
 
     ``method`` names an attribution method of :data:`METHODS` (``"integrated_gradients"``, the paper's, or
     ``"gradient_x_activation"``); ``path`` (an :class:`IntegrationPath`: alphas, weights, baseline) replaces
-    the method's path and ``steps``. ``batch_size`` bounds the rows (layer x step) per forward/backward pass —
+    the method's path and ``steps`` (1 to ``MAX_STEPS``). ``batch_size`` bounds the rows (layer x step) per forward/backward pass —
     the memory budget; results do not depend on it. Passes hold whole layers when ``batch_size >= steps``; the
     default (``None``) fills a pass with about ``DEFAULT_TOKENS_PER_PASS`` row-positions on CPU (more on a GPU;
     fewer rows where the model's own head must materialise logits) — the value used is in

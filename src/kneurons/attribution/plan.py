@@ -43,7 +43,7 @@ from ..errors import KneuronsError
 from ..hooks import capture_layer_outputs, replay_layers
 from ..prompts import Encoded
 from .head import plain_linear_head
-from .methods import IntegrationPath, get_method, get_score
+from .methods import IntegrationPath, check_steps, get_method, get_score
 
 SHORTCUTS = ("use_cache", "prefix_from_clean_run", "replay", "partial_blocks", "head_on_scored_positions",
              "fused_head")
@@ -88,8 +88,7 @@ class Options:
         unknown = set(shortcuts) - set(SHORTCUTS)
         if unknown:
             raise KneuronsError(f"unknown option(s): {', '.join(sorted(unknown))}")
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-            raise KneuronsError(f"steps must be an integer >= 1, got {steps!r}")
+        check_steps(steps)
         get_score(score)
         if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool)
                                        or batch_size < 1):
