@@ -365,6 +365,22 @@ CLI_CASES = [
 
 @pytest.mark.parametrize("argv, fragment", [c[1:] for c in CLI_CASES], ids=[c[0] for c in CLI_CASES])
 def test_cli_bad_input_is_one_line_and_writes_nothing(env, argv, fragment, capsys, monkeypatch, tmp_path):
+    _refused_in_one_line(env, argv, fragment, capsys, monkeypatch, tmp_path)
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["locate", *M, "-t", "paris", *PROMPTS], "token prompt needs about"),
+    (["locate", *M, "-t", "paris", "--batch-size", "64", "--steps", "3", *PROMPTS], "even at batch_size=1"),
+], ids=["locate", "locate --batch-size 64"])
+def test_cli_attribution_beyond_memory_is_one_line(env, argv, fragment, capsys, monkeypatch, tmp_path):
+    """With 1 MB of memory available (injected), no pass fits: refused before the clean run."""
+    from kneurons.attribution import plan
+
+    monkeypatch.setattr(plan, "available_memory", lambda device: 1 << 20)
+    _refused_in_one_line(env, argv, fragment, capsys, monkeypatch, tmp_path)
+
+
+def _refused_in_one_line(env, argv, fragment, capsys, monkeypatch, tmp_path):
     root, paths = env
     cwd = root / "work" / tmp_path.name
     cwd.mkdir()

@@ -506,7 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--steps", type=_int_in(1, MAX_STEPS), default=20,
                        help=f"integration steps m (default 20, at most {MAX_STEPS})")
         p.add_argument("--batch-size", type=_int_in(1), default=None,
-                       help="rows per forward/backward pass (memory budget; default: about 2048 row-positions on CPU)")
+                       help="rows per forward/backward pass (memory budget; default: about 2048 row-positions on CPU, "
+                            "within half the available memory)")
         p.add_argument("--score", choices=list(SCORES), default="prob")
         p.add_argument("--method", choices=list(METHODS), default="integrated_gradients",
                        help="how neurons are found: "

@@ -91,7 +91,7 @@ class RunConfig:
                                help="float32 (default), float64, bfloat16, float16")
     device: str | None = option(None, help="cpu (default), cuda, cuda:N or mps")
     batch_size: int | None = option(None, lo=1, help="rows per forward/backward pass (memory budget; default: about "
-                                                     "2048 row-positions on CPU)")
+                                                     "2048 row-positions on CPU, within half the available memory)")
     assess_batch_size: int = option(32, lo=1, help="prompts per scoring batch")
     version: str = option(__version__, cli=False, help="the kneurons version that made the run")
 
