@@ -365,6 +365,22 @@ CLI_CASES = [
 
 @pytest.mark.parametrize("argv, fragment", [c[1:] for c in CLI_CASES], ids=[c[0] for c in CLI_CASES])
 def test_cli_bad_input_is_one_line_and_writes_nothing(env, argv, fragment, capsys, monkeypatch, tmp_path):
+    _refused_in_one_line(env, argv, fragment, capsys, monkeypatch, tmp_path)
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["locate", *M, "-t", "paris", *PROMPTS], "token prompt needs about"),
+    (["locate", *M, "-t", "paris", "--batch-size", "64", "--steps", "3", *PROMPTS], "even at batch_size=1"),
+], ids=["locate", "locate --batch-size 64"])
+def test_cli_attribution_beyond_memory_is_one_line(env, argv, fragment, capsys, monkeypatch, tmp_path):
+    """With 1 MB of memory available (injected), no pass fits: refused before the clean run."""
+    from kneurons.attribution import plan
+
+    monkeypatch.setattr(plan, "available_memory", lambda device: 1 << 20)
+    _refused_in_one_line(env, argv, fragment, capsys, monkeypatch, tmp_path)
+
+
+def _refused_in_one_line(env, argv, fragment, capsys, monkeypatch, tmp_path):
     root, paths = env
     cwd = root / "work" / tmp_path.name
     cwd.mkdir()
@@ -414,7 +430,16 @@ API_CASES = [
     ("encode a prompt longer than the context", lambda k: k.encode(_h(), LONG, "paris"), "takes at most 64"),
     ("encode no blank", lambda k: k.encode(_h(), "no blank", "paris"), "no blank"),
     ("encode empty target", lambda k: k.encode(_h(), PROMPTS[0], ""), "empty target"),
-    ("integrated_gradients steps=0", lambda k: k.integrated_gradients(_h(), PROMPTS[0], "paris", steps=0), "steps"),
+    ("integrated_gradients steps=0", lambda k: k.integrated_gradients(_h(), PROMPTS[0], "paris", steps=0),
+     "steps must be an integer from 1 to 10000, got 0"),
+    ("integrated_gradients steps=10_001", lambda k: k.integrated_gradients(_h(), PROMPTS[0], "paris", steps=10_001),
+     "steps must be an integer from 1 to 10000, got 10001"),
+    ("attribute steps=10_001", lambda k: k.attribute(_h(), PROMPTS, "paris", steps=10_001), "from 1 to 10000"),
+    ("locate steps=0", lambda k: k.locate(_h(), PROMPTS, "paris", steps=0), "steps must be an integer from 1"),
+    ("locate steps=10_001", lambda k: k.locate(_h(), PROMPTS, "paris", steps=10_001), "from 1 to 10000, got 10001"),
+    ("locate activation steps=10_001", lambda k: k.locate(_h(), PROMPTS, "paris", steps=10_001, method="activation"),
+     "from 1 to 10000"),
+    ("riemann_right(10_001)", lambda k: k.attribution.riemann_right(10_001), "from 1 to 10000"),
     ("integrated_gradients bad score", lambda k: k.integrated_gradients(_h(), PROMPTS[0], "paris", score="logit"),
      "score"),
     ("locate one prompt", lambda k: k.locate(_h(), PROMPTS[:1], "paris"), "at least 2"),

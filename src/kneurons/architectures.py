@@ -75,6 +75,9 @@ class ArchSpec:
     partial_blocks: bool | str = "probe"
     head_on_scored_positions: bool | str = "probe"
     fused_head: bool | str = "probe"
+    # its attention keeps the attention weights under sdpa too (its own sdpa call gets an explicit mask, so
+    # torch takes the kernel that materialises them; measured): the engine's memory estimate counts them
+    sdpa_keeps_weights: bool = False
 
     def __post_init__(self):
         for name in CAPABILITIES:
@@ -131,7 +134,7 @@ _TABLE: list[ArchSpec] = [
        prefix_from_clean_run=False, head_on_scored_positions=True,
        partial_blocks=False),  # its ALiBi bias is [batch * heads, ...]: cannot be cut to some rows
     _e("falcon", "causal", "h", "mlp.dense_4h_to_h", "mlp.dense_h_to_4h", batch_prompts=False,
-       prefix_from_clean_run=False, head_on_scored_positions=True,
+       prefix_from_clean_run=False, head_on_scored_positions=True, sdpa_keeps_weights=True,
        partial_blocks=True),  # with config.alibi too: the bias reaches the blocks as [batch, heads, ...]
     _e("phi", "causal", "layers", "mlp.fc2", "mlp.fc1", **_PLAIN, head_on_scored_positions=True),
     _e("llama", "causal", "layers", "mlp.down_proj", ("mlp.gate_proj", "mlp.up_proj"), gated=True, **_PLAIN,

@@ -430,9 +430,6 @@ def cmd_report(args) -> int:
 # Each option's value is checked by argparse (before anything is loaded); a bad value ends in one line
 # "kneurons: error: argument --x: ..." and exit code 2.
 
-MAX_STEPS = 10_000  # integration steps: the paper uses 20; beyond this the rows alone fill memory and hours
-
-
 def _int_in(lo: int, hi: int | None = None):
     def parse(text: str) -> int:
         try:
@@ -477,7 +474,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .attribution.methods import METHODS, SCORES
+    from .attribution.methods import MAX_STEPS, METHODS, SCORES
     from .interventions import SPACES
 
     ap = _Parser(prog="kneurons", description="Knowledge neurons in Hugging Face transformers.")
@@ -509,7 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--steps", type=_int_in(1, MAX_STEPS), default=20,
                        help=f"integration steps m (default 20, at most {MAX_STEPS})")
         p.add_argument("--batch-size", type=_int_in(1), default=None,
-                       help="rows per forward/backward pass (memory budget; default: about 2048 row-positions on CPU)")
+                       help="rows per forward/backward pass (memory budget; default: about 2048 row-positions on CPU, "
+                            "within half the available memory)")
         p.add_argument("--score", choices=list(SCORES), default="prob")
         p.add_argument("--method", choices=list(METHODS), default="integrated_gradients",
                        help="how neurons are found: "

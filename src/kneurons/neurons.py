@@ -29,6 +29,7 @@ import torch
 
 from . import __version__
 from .attribution import DEFAULT_BATCH_SIZE, Attribution, attribute, get_method, model_info
+from .attribution.methods import check_steps
 from ._io import atomic_write
 from .errors import KneuronsError
 from .hooks import ffn_hooks
@@ -266,6 +267,7 @@ def locate(handle, prompts: Sequence[str], target, steps: int = 20, threshold: f
     integrated gradients finds (or ``top_k``), seeded by ``seed``. ``batch_prompts``: let the paraphrases' rows
     share passes (see :func:`attribute`)."""
     m = get_method(method)
+    check_steps(steps)
     target = _targets_one_fact(prompts, target)
     threshold = (m.threshold if m.threshold is not None else 0.2) if threshold is None else threshold
     _check_fraction("threshold", threshold)

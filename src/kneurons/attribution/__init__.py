@@ -16,7 +16,7 @@ The package, one room per concept:
 * :mod:`.methods` — the integration path (alphas, weights, baseline), the scores, the ``METHODS`` registry;
 * :mod:`.plan` — options, the model's capabilities (declared in the architecture table or probed once), the
   frozen :class:`~.plan.ExecutionPlan` decided per prompt;
-* :mod:`.rows` — the pure row plan: which rows, in which passes;
+* :mod:`.rows` — the pure row plan: which rows, in which passes of what size (the memory estimate);
 * :mod:`.executor` — the clean run and the passes;
 * :mod:`.head` — the fused, vocabulary-chunked LM head;
 * :mod:`.result` — :class:`Attribution` (save, load, DataFrame).
@@ -31,16 +31,17 @@ from .methods import (METHODS, RULES, SCORES, IntegrationPath, Method, Score, ga
                       get_score, one_point, riemann_left, riemann_middle, riemann_right, riemann_trapezoid)
 from .plan import SHORTCUTS, ExecutionPlan, Options
 from .result import Attribution, model_info
-from .rows import DEFAULT_TOKENS_PER_PASS, DEFAULT_TOKENS_PER_PASS_GPU, default_rows_per_pass, rows_per_layer
+from .methods import MAX_STEPS
+from .rows import DEFAULT_TOKENS_PER_PASS, DEFAULT_TOKENS_PER_PASS_GPU, MEMORY_SHARE, plan_passes, rows_per_layer
 
-DEFAULT_BATCH_SIZE = None  # whole layers, about DEFAULT_TOKENS_PER_PASS row-positions per pass
+DEFAULT_BATCH_SIZE = None  # about DEFAULT_TOKENS_PER_PASS row-positions per pass, within the available memory
 
 __all__ = [
     "Attribution", "attribute", "integrated_gradients", "rows_per_prompt", "DEFAULT_BATCH_SIZE", "METHODS",
     "SCORES", "RULES", "IntegrationPath", "Method", "Score", "Options", "ExecutionPlan", "SHORTCUTS",
     "riemann_right", "riemann_left", "riemann_middle", "riemann_trapezoid", "gauss_legendre", "one_point",
-    "get_method", "get_score", "model_info", "default_rows_per_pass", "rows_per_layer", "DEFAULT_TOKENS_PER_PASS",
-    "DEFAULT_TOKENS_PER_PASS_GPU",
+    "get_method", "get_score", "model_info", "plan_passes", "rows_per_layer", "DEFAULT_TOKENS_PER_PASS",
+    "DEFAULT_TOKENS_PER_PASS_GPU", "MEMORY_SHARE", "MAX_STEPS",
 ]
 
 
@@ -52,11 +53,16 @@ def integrated_gradients(handle, prompt: str, target: str, steps: int = 20, scor
 
     ``method`` names an attribution method of :data:`METHODS` (``"integrated_gradients"``, the paper's, or
     ``"gradient_x_activation"``); ``path`` (an :class:`IntegrationPath`: alphas, weights, baseline) replaces
-    the method's path and ``steps``. ``batch_size`` bounds the rows (layer x step) per forward/backward pass —
-    the memory budget; results do not depend on it. Passes hold whole layers when ``batch_size >= steps``; the
-    default (``None``) fills a pass with about ``DEFAULT_TOKENS_PER_PASS`` row-positions on CPU (more on a GPU;
-    fewer rows where the model's own head must materialise logits) — the value used is in
-    ``params["rows_per_pass"]``. The shortcuts ``use_cache``, ``prefix_from_clean_run``, ``replay``,
+    the method's path and ``steps`` (1 to ``MAX_STEPS``). ``batch_size`` bounds the rows (layer x step) per
+    forward/backward pass — the memory budget; results do not depend on it. Passes hold whole layers when
+    ``batch_size >= steps``; the default (``None``) fills a pass with about ``DEFAULT_TOKENS_PER_PASS``
+    row-positions on CPU (more on a GPU; a long prompt's layer is split over several passes, down to one row),
+    fewer rows where the model's own head must materialise logits, and at most ``MEMORY_SHARE`` of the
+    available memory — the value used is in ``params["rows_per_pass"]``, the rule that chose it in
+    ``params["pass_size_bound"]``, the estimated peak bytes of the largest pass in
+    ``params["pass_memory_estimate"]``. A plan estimated beyond the available memory (a ``batch_size`` too
+    big, or a prompt too long for even one row per pass) is refused with a :class:`KneuronsError` before
+    anything runs. The shortcuts ``use_cache``, ``prefix_from_clean_run``, ``replay``,
     ``partial_blocks``, ``head_on_scored_positions`` (older name ``slice_head``) and ``fused_head`` can be
     switched off (``=False``; the results are the same either way, see :mod:`.plan`); ``params`` records the
     execution plan used. ``progress(n)`` is called with the number of rows just finished. Works inside

@@ -32,7 +32,7 @@ from .head import fused_logprob, logprob_from_logits, plain_linear_head
 from .methods import get_score
 from .plan import ExecutionPlan, Options, output_cache
 from .result import Attribution, model_info
-from .rows import CLEAN, block_schedule, default_rows_per_pass, layer_points, plan_rows
+from .rows import CLEAN, RowPlan, block_schedule
 
 
 def _cache_kwarg(model) -> str:
@@ -159,7 +159,7 @@ def prepare(handle, prompt: str, enc: Encoded, plan: ExecutionPlan, score: str) 
         for layer in cache.layers:
             layer.keys, layer.values = layer.keys[..., :n, :], layer.values[..., :n, :]
         rows = _PromptRows(handle, plan, full[:, n:], 0, [p - n for p in enc.score_positions], cache)
-        outputs = {j: o[:, n:] for j, o in outs.items()}
+        outputs = {j: o[:, n:].clone() for j, o in outs.items()}  # not views: the whole prompt's are freed
         logits = out.logits[:, n:]
     else:
         if plan.use_cache:
@@ -272,11 +272,6 @@ class _Batch:
         # a group's outputs hold the scored positions only (KV rows run exactly them; masked rows are cut)
         return t if self.group is not None else self.preps[0].rows.scored(t)
 
-    @property
-    def positions(self) -> int:
-        """Positions each row runs through the blocks."""
-        return self.group.ids.shape[1] if self.group is not None else self.preps[0].rows.ids.shape[1]
-
 
 def _run_pass(handle, batch: _Batch, plan: ExecutionPlan, options: Options, head, targets, rl, rp, alpha, weight):
     """Score the rows of one pass (row ``r`` scales layer ``rl[r]`` of prompt ``rp[r]`` to ``alpha[r]`` at the
@@ -357,10 +352,10 @@ def _run_pass(handle, batch: _Batch, plan: ExecutionPlan, options: Options, head
     return score.value(lp_d), g, gu
 
 
-def execute(handle, preps: list[Prepared], options: Options,
+def execute(handle, preps: list[Prepared], options: Options, rows: RowPlan,
             progress: Callable[[int], None] | None = None) -> list[Attribution]:
-    """Every row of ``preps``' prompts (one prompt, or a group sharing passes): the clean rows, the path's points
-    and the ``alpha = 0`` diagnostic of every layer; the attributions."""
+    """Every row of ``preps``' prompts (one prompt, or a group sharing passes) in the passes of ``rows``: the
+    clean rows, the path's points and the ``alpha = 0`` diagnostic of every layer; the attributions."""
     arch = handle.arch
     L = arch.n_layers
     P = len(preps)
@@ -375,11 +370,6 @@ def execute(handle, preps: list[Prepared], options: Options,
     layer_zero = torch.full((P, L), float("nan"), dtype=torch.float64)
     head = plain_linear_head(handle.model) if plan.fused_head else None
     targets = torch.tensor([preps[0].enc.target_ids], device=W0.device)  # [1, n]: one target sequence
-    vocab = int(arch.unembedding().shape[0])
-    n_scored = len(preps[0].enc.target_ids)
-    rows_per_pass = options.batch_size or default_rows_per_pass(
-        len(layer_points(path)), batch.positions, handle.device.type, 0 if plan.fused_head else n_scored * vocab) + P
-    rows = plan_rows(P, layers, path, rows_per_pass)
     _, denominator = path.factored()
 
     with frozen_parameters(handle.model):
@@ -412,7 +402,8 @@ def execute(handle, preps: list[Prepared], options: Options,
     mask[layers] = True
     out_dtype = torch.float64 if W0.dtype == torch.float64 else torch.float32
     common = {"method": options.method, "steps": path.steps, "path": path.describe(), "score": options.score,
-              "batch_size": options.batch_size, "rows_per_pass": rows_per_pass, "layers": layers,
+              "batch_size": options.batch_size, "rows_per_pass": rows.rows_per_pass, "pass_size_bound": rows.bound,
+              "pass_memory_estimate": rows.estimate, "layers": layers,
               "baseline": path.describe()["baseline"], "position": "blank", **plan.params(),
               "prompts_per_group": P}
     results = []
@@ -433,11 +424,14 @@ def run(handle, prompts: list[str], targets: list[str], options: Options,
         progress: Callable[[int], None] | None = None,
         adjust: Callable[[ExecutionPlan], ExecutionPlan] | None = None) -> list[Attribution]:
     """Attribute each prompt's target: capabilities (probed once per handle), one plan per prompt, prompts with
-    equal group keys sharing passes when ``options.batch_prompts``. ``adjust(plan)`` may switch a plan's
-    shortcuts off (tests force every fallback this way; the result must not change). The model's train/eval
-    mode and its parameters' ``requires_grad`` are restored afterwards, also on error."""
+    equal group keys sharing passes when ``options.batch_prompts``, and every prompt's (or group's) row plan and
+    pass size decided before the first clean run (:func:`~kneurons.attribution.rows.plan_passes`: a plan
+    estimated beyond the available memory is refused). ``adjust(plan)`` may switch a plan's shortcuts off (tests
+    force every fallback this way; the result must not change). The model's train/eval mode and its
+    parameters' ``requires_grad`` are restored afterwards, also on error."""
     from ..prompts import encode
-    from .plan import capabilities, decide, group_key
+    from .plan import available_memory, capabilities, decide, group_key, pass_shape
+    from .rows import plan_passes
 
     was_training = handle.model.training
     try:
@@ -449,21 +443,32 @@ def run(handle, prompts: list[str], targets: list[str], options: Options,
             encs = [encode(handle, p, t) for p, t in zip(prompts, targets)]  # also refuses unproducible targets
             handle.model.eval()
             caps = capabilities(handle, encs[0])
-            out: list[Attribution | None] = [None] * len(prompts)
-            groups: dict[object, list[tuple[int, ExecutionPlan]]] = {}
+            units: list[list[int]] = []  # prompts computed together: one alone, or a group sharing passes
+            plans: list[ExecutionPlan] = []
+            groups: dict[object, list[int]] = {}
             for i, enc in enumerate(encs):
                 plan = decide(handle, caps, options, enc)
                 if adjust is not None:
                     plan = adjust(plan)
+                plans.append(plan)
                 key = group_key(handle, caps, plan, enc) if options.batch_prompts else None
-                if key is None:  # this prompt alone: nothing of it is kept for later
-                    out[i] = execute(handle, [prepare(handle, prompts[i], enc, plan, options.score)], options,
-                                     progress)[0]
+                if key is None:
+                    units.append([i])
                 else:
-                    groups.setdefault(key, []).append((i, plan))
-            for members in groups.values():
-                preps = [prepare(handle, prompts[i], encs[i], plan, options.score) for i, plan in members]
-                for (i, _), att in zip(members, execute(handle, preps, options, progress)):
+                    groups.setdefault(key, []).append(i)
+            units += list(groups.values())
+            available = available_memory(handle.device)
+            gpu = handle.device.type == "cuda"
+            row_plans = []
+            for members in units:
+                plan = plans[members[0]]
+                shape = pass_shape(handle, plan, [encs[i] for i in members])
+                row_plans.append(plan_passes(len(members), list(options.layers), options.path, shape,
+                                             options.batch_size, available, gpu, plan.replay, plan.partial_blocks))
+            out: list[Attribution | None] = [None] * len(prompts)
+            for members, rows in zip(units, row_plans):  # nothing of a unit is kept for the next
+                preps = [prepare(handle, prompts[i], encs[i], plans[i], options.score) for i in members]
+                for i, att in zip(members, execute(handle, preps, options, rows, progress)):
                     out[i] = att
             return out
     finally:

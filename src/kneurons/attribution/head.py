@@ -20,6 +20,11 @@ import torch
 HEAD_CHUNK_BYTES = 8 << 20  # vocabulary chunk of the fused head: this many bytes of the unembedding matrix
 
 
+def chunk_rows(d_model: int, itemsize: int) -> int:
+    """Vocabulary rows per chunk of the fused head: :data:`HEAD_CHUNK_BYTES` of the unembedding matrix."""
+    return max(16, HEAD_CHUNK_BYTES // (d_model * itemsize))
+
+
 def plain_linear_head(model) -> torch.nn.Linear | None:
     """The model's output embedding if it is a plain ``nn.Linear`` (its forward not overridden), else ``None``."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -79,7 +84,7 @@ def fused_logprob(head: torch.nn.Linear, x: torch.Tensor, targets: torch.Tensor,
     ``[rows, n, d]`` (``targets`` ``[K, n]``)."""
     rows, n, d = x.shape
     w = head.weight
-    chunk = max(16, HEAD_CHUNK_BYTES // (w.shape[1] * w.element_size()))
+    chunk = chunk_rows(w.shape[1], w.element_size())
     tgt = targets.t().repeat(rows, 1)  # [rows * n, K]
     lp = HeadLogProb.apply(x.reshape(rows * n, d).to(w.dtype), w, head.bias, tgt, chunk, need_grad)
     lp = lp.view(rows, n, -1)

@@ -91,27 +91,32 @@ class IntegrationPath:
                                 f"{list(self.baseline.shape)}")
 
 
-def _steps(m) -> int:
-    if not isinstance(m, int) or isinstance(m, bool) or m < 1:
-        raise KneuronsError(f"steps must be an integer >= 1, got {m!r}")
+MAX_STEPS = 10_000  # integration steps: the paper uses 20; beyond this the rows alone fill memory and hours
+
+
+def check_steps(m) -> int:
+    """``m`` if it is a number of integration steps the engine takes (1 to :data:`MAX_STEPS`), else one-line
+    :class:`KneuronsError`."""
+    if not isinstance(m, int) or isinstance(m, bool) or not 1 <= m <= MAX_STEPS:
+        raise KneuronsError(f"steps must be an integer from 1 to {MAX_STEPS}, got {m!r}")
     return m
 
 
 def riemann_right(m: int, baseline="zero") -> IntegrationPath:
     """The paper's rule (Dai et al. eq. 3): ``alpha = k/m``, ``k = 1..m``, weights ``1/m``."""
-    m = _steps(m)
+    m = check_steps(m)
     return IntegrationPath(tuple(k / m for k in range(1, m + 1)), (1 / m,) * m, baseline, "riemann_right")
 
 
 def riemann_left(m: int, baseline="zero") -> IntegrationPath:
     """``alpha = k/m``, ``k = 0..m-1``, weights ``1/m``."""
-    m = _steps(m)
+    m = check_steps(m)
     return IntegrationPath(tuple(k / m for k in range(m)), (1 / m,) * m, baseline, "riemann_left")
 
 
 def riemann_middle(m: int, baseline="zero") -> IntegrationPath:
     """``alpha = (k - 1/2)/m``, ``k = 1..m``, weights ``1/m``."""
-    m = _steps(m)
+    m = check_steps(m)
     return IntegrationPath(tuple((k - 0.5) / m for k in range(1, m + 1)), (1 / m,) * m, baseline,
                            "riemann_middle")
 
@@ -119,7 +124,7 @@ def riemann_middle(m: int, baseline="zero") -> IntegrationPath:
 def riemann_trapezoid(m: int, baseline="zero") -> IntegrationPath:
     """Trapezoids over ``m`` intervals: ``alpha = k/m``, ``k = 0..m`` (m + 1 points), weights ``1/m`` and
     ``1/(2m)`` at both ends."""
-    m = _steps(m)
+    m = check_steps(m)
     weights = tuple((0.5 if k in (0, m) else 1.0) / m for k in range(m + 1))
     return IntegrationPath(tuple(k / m for k in range(m + 1)), weights, baseline, "riemann_trapezoid")
 
@@ -128,7 +133,7 @@ def gauss_legendre(m: int, baseline="zero") -> IntegrationPath:
     """Gauss-Legendre quadrature with ``m`` nodes on ``[0, 1]`` (exact for polynomials of degree ``2m - 1``)."""
     import numpy as np
 
-    x, w = np.polynomial.legendre.leggauss(_steps(m))
+    x, w = np.polynomial.legendre.leggauss(check_steps(m))
     return IntegrationPath(tuple(float(a) for a in (x + 1) / 2), tuple(float(v) for v in w / 2), baseline,
                            "gauss_legendre")
 

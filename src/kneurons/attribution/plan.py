@@ -33,6 +33,7 @@ speed and memory do. ``params`` records the plan and which capabilities were pro
 from __future__ import annotations
 
 import dataclasses
+import os
 import warnings
 from dataclasses import dataclass
 
@@ -42,8 +43,9 @@ from ..architectures import CAPABILITIES  # the ones an ArchSpec declares: True 
 from ..errors import KneuronsError
 from ..hooks import capture_layer_outputs, replay_layers
 from ..prompts import Encoded
-from .head import plain_linear_head
-from .methods import IntegrationPath, get_method, get_score
+from .head import chunk_rows, plain_linear_head
+from .methods import IntegrationPath, check_steps, get_method, get_score
+from .rows import PassShape
 
 SHORTCUTS = ("use_cache", "prefix_from_clean_run", "replay", "partial_blocks", "head_on_scored_positions",
              "fused_head")
@@ -88,8 +90,7 @@ class Options:
         unknown = set(shortcuts) - set(SHORTCUTS)
         if unknown:
             raise KneuronsError(f"unknown option(s): {', '.join(sorted(unknown))}")
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-            raise KneuronsError(f"steps must be an integer >= 1, got {steps!r}")
+        check_steps(steps)
         get_score(score)
         if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool)
                                        or batch_size < 1):
@@ -326,3 +327,75 @@ def group_key(handle, caps: Capabilities, plan: ExecutionPlan, enc: Encoded):
     if not plan.use_cache and handle.is_masked and plan.head_on_scored_positions:
         return ("masked", plan, tuple(enc.target_ids))
     return None
+
+
+# ------------------------------------------------------------------------------------------- memory
+
+#: attention implementations that do not keep the attention weights (measured on CPU with sdpa for 21 of the
+#: table's architectures: only Falcon's own sdpa call keeps them, ``ArchSpec.sdpa_keeps_weights``)
+FUSED_ATTENTION = ("sdpa", "flash_attention_2", "flash_attention_3", "flex_attention")
+
+
+def available_memory(device) -> int | None:
+    """Bytes the engine may still allocate on ``device``: on CUDA the device's free memory plus what PyTorch's
+    allocator holds unused; on CPU the system's ``MemAvailable`` (Linux ``/proc/meminfo``) or its free physical
+    pages; ``None`` where unknown (then nothing is refused)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    if device.type != "cpu":
+        return None
+    if os.path.exists("/proc/meminfo"):
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    names = getattr(os, "sysconf_names", {})
+    if "SC_AVPHYS_PAGES" in names and "SC_PAGE_SIZE" in names:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    return None
+
+
+def _config_int(config, names, default: int) -> int:
+    for name in names:
+        v = getattr(config, name, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return default
+
+
+def pass_shape(handle, plan: ExecutionPlan, encs: list[Encoded]) -> PassShape:
+    """The sizes a pass's memory depends on, for prompts sharing passes under ``plan`` (from the model's config
+    where the ArchSpec does not say: heads, key/value heads, the attention implementation)."""
+    arch = handle.arch
+    config = getattr(handle.model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    d = arch.d_model
+    heads = _config_int(text, ("num_attention_heads", "n_head", "num_heads", "n_heads"), max(1, d // 64))
+    kv_heads = 1 if getattr(text, "multi_query", False) is True else \
+        _config_int(text, ("num_key_value_heads", "num_kv_heads", "n_head_kv"), heads)
+    head_dim = _config_int(text, ("head_dim",), max(1, d // heads))
+    tokens = max(len(e.input_ids) for e in encs)
+    if plan.use_cache:
+        prefix = max(e.blank for e in encs)
+        positions = max(len(e.input_ids) - e.blank for e in encs)
+    else:
+        prefix, positions = 0, tokens
+    scored = len(encs[0].score_positions)
+    if plan.fused_head:
+        logit_positions = 0
+    elif plan.head_on_scored_positions:
+        logit_positions = scored
+    else:
+        logit_positions = positions
+    unembedding = arch.unembedding()
+    itemsize = torch.empty((), dtype=handle.dtype).element_size()
+    return PassShape(tokens=tokens, positions=positions, prefix=prefix, prompts=len(encs), n_layers=arch.n_layers,
+                     d_model=d, d_ff=arch.d_ff, heads=heads, kv_width=2 * kv_heads * head_dim,
+                     vocab=int(unembedding.shape[0]), itemsize=itemsize,
+                     eager_attention=(getattr(config, "_attn_implementation", None) not in FUSED_ATTENTION
+                                      or arch.spec.sdpa_keeps_weights),
+                     logit_positions=logit_positions, scored=scored if plan.fused_head else 0,
+                     head_chunk=chunk_rows(int(unembedding.shape[1]), unembedding.element_size()),
+                     cache_copies=2 if plan.cache_copy == "deep" else 1)

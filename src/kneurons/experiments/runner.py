@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from .. import __version__
-from ..attribution import METHODS, SCORES
+from ..attribution import MAX_STEPS, METHODS, SCORES
 from ..data.pararel import Pararel, load_pararel
 from ..errors import KneuronsError
 from ..interventions import SPACES, weights_digest
@@ -31,7 +31,6 @@ DEFAULT_ERASE = ["P19", "P27", "P106", "P937"]
 #: other values (a near-tie — a fact on the edge of "known", a neuron on the edge of the threshold — may then
 #: come out differently for the facts computed after the change)
 NOT_IDENTITY = ("device", "batch_size", "assess_batch_size")
-MAX_STEPS = 10_000
 
 
 @dataclass
@@ -92,7 +91,7 @@ class RunConfig:
                                help="float32 (default), float64, bfloat16, float16")
     device: str | None = option(None, help="cpu (default), cuda, cuda:N or mps")
     batch_size: int | None = option(None, lo=1, help="rows per forward/backward pass (memory budget; default: about "
-                                                     "2048 row-positions on CPU)")
+                                                     "2048 row-positions on CPU, within half the available memory)")
     assess_batch_size: int = option(32, lo=1, help="prompts per scoring batch")
     version: str = option(__version__, cli=False, help="the kneurons version that made the run")
 
