@@ -6,6 +6,17 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 
+@pytest.fixture
+def one_thread():
+    """Run the test on one torch thread (engine comparisons at float64 round-off), restoring the setting after."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="session")
 def smol():
     """The embedded SmolLM2-135M-Instruct (slow: dequantized once into the kneurons cache)."""

@@ -21,12 +21,7 @@ PROMPT = "the capital of france is ___ ."
 MLM_PROMPT = "the capital of [MASK] is paris ."
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _prompt(h):

@@ -24,12 +24,7 @@ LONG = "the capital of france is " + "a " * 50 + "___"  # 56 tokens: the tiny mo
 STEPS = 7  # rows per layer: alpha = 0 and the 6 points below 1
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _memory(monkeypatch, available):

@@ -19,12 +19,7 @@ MLM_PROMPT = "the capital of [MASK] is paris ."
 PROMPTS = ["the capital of france is ___ .", "france has its capital in ___", "the capital city of france is ___"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _fact(h):

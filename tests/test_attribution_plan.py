@@ -23,12 +23,7 @@ CAUSAL_PARAPHRASES = ["the capital of france is ___", "paris is the capital of _
                       "a city in europe called france has as its capital ___"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _handle(model_type, model=None, **overrides):
