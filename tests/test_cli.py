@@ -109,3 +109,14 @@ def test_update_in_head_space_saves_the_edited_model(capsys, model_dir, tmp_path
     assert (edited / "config.json").exists()
     code = main(["update", "--model", model_dir, "--neurons", str(kn_file), "--new", "berlin", "--space", "sideways"])
     assert code == 2 and "invalid choice: 'sideways'" in capsys.readouterr().err
+
+
+def test_python_dash_m_is_the_command():
+    import subprocess
+    import sys
+
+    ok = subprocess.run([sys.executable, "-m", "kneurons", "--version"], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0 and ok.stdout.startswith("kneurons ")
+    bad = subprocess.run([sys.executable, "-m", "kneurons", "locate", "--steps", "0"], capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "kneurons: error:" in bad.stderr
