@@ -51,23 +51,3 @@ def proportion_lower_bound(successes: int, n: int, alpha: float = ALPHA) -> floa
             hi = mid
     return lo
 
-
-def t_quantile(p: float, df: int) -> float:
-    """Student's t quantile (Cornish-Fisher expansion around the normal; error < 1e-3 for df >= 10)."""
-    from statistics import NormalDist
-
-    z = NormalDist().inv_cdf(p)
-    return (z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
-            + (3 * z ** 7 + 19 * z ** 5 + 17 * z ** 3 - 15 * z) / (384 * df ** 3))
-
-
-def mean_lower_bound(diffs, alpha: float = ALPHA) -> float:
-    """A one-sided (1 - alpha) lower confidence bound of the mean (Student's t; for the tens of facts pooled here
-    the mean of per-fact differences is close to normal). Used where the claim is about the *average* change, as
-    the paper's is; where it is about the typical fact, :func:`median_lower_bound`."""
-    from statistics import mean, stdev
-
-    xs = list(diffs)
-    if len(xs) < 10:
-        raise ValueError("a t bound needs at least 10 values here")
-    return mean(xs) - t_quantile(1 - alpha, len(xs) - 1) * stdev(xs) / len(xs) ** 0.5

@@ -21,7 +21,7 @@ def test_training_does_not_depend_on_the_thread_setting(kind):
             tr = train(world, kind, seed=3, steps=60, batch_size=16, target_accuracy=None)
             assert torch.get_num_threads() == outer  # restored
             digests.append(weights_digest(tr.handle.model))
-            assert tr.steps == 60 and tr.handle.model.dtype == torch.float32
+            assert tr.steps == 60
     finally:
         torch.set_num_threads(before)
     assert digests[0] == digests[1]

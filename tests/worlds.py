@@ -31,7 +31,8 @@ class Trial:
     accuracy: float  # training accuracy at the stop
     steps: int
     sentences: int  # training sentences
-    located: int  # known facts among the first N_LOCATED subjects, with their knowledge neurons
+    candidates: int  # facts tried: the first N_LOCATED subjects of every relation
+    located: int  # the known ones among them, with their knowledge neurons
     facts: list = field(default_factory=list)  # per known fact with neurons: Δp/p under the interventions
     updates: list = field(default_factory=list)  # per fact: success@1 of the update (kn / random / paper's rule)
     erasures: list = field(default_factory=list)  # per erased relation: perplexity / accuracy changes
@@ -73,7 +74,8 @@ def run_trial(kind: str, seed: int) -> Trial:
                 located[(r, s)] = locate(h, ps, w.facts[r][s], steps=20, adaptive=True, min_prompts=2,
                                          keep_attributions=False)
     known = [(k, kn) for k, kn in located.items() if kn.neurons]
-    trial = Trial(kind, seed, tr.accuracy, tr.steps, sum(1 for _ in w.sentences()), len(known))
+    trial = Trial(kind, seed, tr.accuracy, tr.steps, sum(1 for _ in w.sentences()), N_LOCATED * len(w.relations),
+                  len(known))
 
     for i, ((r, s), kn) in enumerate(known):
         ps, obj = prompts(h, w.prompts(r, s)), w.facts[r][s]

@@ -128,14 +128,18 @@ def encode(handle, prompt: str, target: str) -> Encoded:
 _CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
 
 
-def context_length(handle) -> int | None:
-    """The number of positions the model takes, from its config (``None`` if the config does not say)."""
-    config = getattr(handle.model, "config", None)
-    for name in _CONTEXT_FIELDS:
+def config_int(config, names, default=None):
+    """The first of the config fields ``names`` that holds a positive integer, else ``default``."""
+    for name in names:
         v = getattr(config, name, None)
         if isinstance(v, int) and not isinstance(v, bool) and v > 0:
             return v
-    return None
+    return default
+
+
+def context_length(handle) -> int | None:
+    """The number of positions the model takes, from its config (``None`` if the config does not say)."""
+    return config_int(getattr(handle.model, "config", None), _CONTEXT_FIELDS)
 
 
 def _check_producible(handle, target: str, t_ids: list[int]) -> None:

@@ -201,8 +201,8 @@ class Trained:
 
 def train(world: World, kind: str, seed: int = 0, steps: int = 3000, batch_size: int = 64, lr: float = 3e-3,
           target_accuracy: float | None = 0.99, label_smoothing: float = 0.1, d_model: int = 64, n_layers: int = 4,
-          d_ff: int = 256, holdout: float = 0.0, activation: str = "gelu", dtype: torch.dtype = torch.float32,
-          threads: int | None = 1, log=None) -> Trained:
+          d_ff: int = 256, holdout: float = 0.0, activation: str = "gelu", threads: int | None = 1,
+          log=None) -> Trained:
     """Train a tiny model on every (fact, template) sentence and return it with its training record.
 
     The loss is the cross-entropy of the object token at the blank (masked: the [MASK] position; causal: the
@@ -211,8 +211,7 @@ def train(world: World, kind: str, seed: int = 0, steps: int = 3000, batch_size:
     attention implementation is fixed at construction, and it runs on ``threads`` intra-op threads (default 1,
     restored afterwards; ``None`` keeps the process setting), because a reduction split over a different number
     of threads rounds differently and training amplifies such differences (1 vs 2 threads once gave weights
-    118 % apart). ``dtype=torch.float64`` trains in double precision (about 2x slower); the model is returned
-    in float32 either way.
+    118 % apart).
     """
     from .prompts import encode
 
@@ -224,7 +223,7 @@ def train(world: World, kind: str, seed: int = 0, steps: int = 3000, batch_size:
     try:
         torch.manual_seed(seed)
         handle = build_model(world, kind, seed, d_model=d_model, n_layers=n_layers, d_ff=d_ff, activation=activation)
-        model = handle.model.to(dtype)
+        model = handle.model
         sentences = list(world.sentences())
         rng = random.Random(seed)
         held = set(rng.sample(range(len(sentences)), int(holdout * len(sentences)))) if holdout else set()
@@ -267,7 +266,6 @@ def train(world: World, kind: str, seed: int = 0, steps: int = 3000, batch_size:
                 if target_accuracy is not None and acc >= target_accuracy:
                     break
         model.eval()
-        model.to(torch.float32)
         seconds = time.time() - t0
     finally:
         torch.set_num_threads(before)

@@ -42,7 +42,7 @@ import torch
 from ..architectures import CAPABILITIES  # the ones an ArchSpec declares: True / False / "probe"
 from ..errors import KneuronsError
 from ..hooks import capture_layer_outputs, replay_layers
-from ..prompts import Encoded
+from ..prompts import Encoded, config_int
 from .head import chunk_rows, plain_linear_head
 from .methods import IntegrationPath, check_steps, get_method, get_score
 from .rows import PassShape
@@ -357,14 +357,6 @@ def available_memory(device) -> int | None:
     return None
 
 
-def _config_int(config, names, default: int) -> int:
-    for name in names:
-        v = getattr(config, name, None)
-        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
-            return v
-    return default
-
-
 def pass_shape(handle, plan: ExecutionPlan, encs: list[Encoded]) -> PassShape:
     """The sizes a pass's memory depends on, for prompts sharing passes under ``plan`` (from the model's config
     where the ArchSpec does not say: heads, key/value heads, the attention implementation)."""
@@ -372,10 +364,10 @@ def pass_shape(handle, plan: ExecutionPlan, encs: list[Encoded]) -> PassShape:
     config = getattr(handle.model, "config", None)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     d = arch.d_model
-    heads = _config_int(text, ("num_attention_heads", "n_head", "num_heads", "n_heads"), max(1, d // 64))
+    heads = config_int(text, ("num_attention_heads", "n_head", "num_heads", "n_heads"), max(1, d // 64))
     kv_heads = 1 if getattr(text, "multi_query", False) is True else \
-        _config_int(text, ("num_key_value_heads", "num_kv_heads", "n_head_kv"), heads)
-    head_dim = _config_int(text, ("head_dim",), max(1, d // heads))
+        config_int(text, ("num_key_value_heads", "num_kv_heads", "n_head_kv"), heads)
+    head_dim = config_int(text, ("head_dim",), max(1, d // heads))
     tokens = max(len(e.input_ids) for e in encs)
     if plan.use_cache:
         prefix = max(e.blank for e in encs)

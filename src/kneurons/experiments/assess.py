@@ -104,6 +104,7 @@ def run_assess(runner) -> None:
     bar.close()
     store.set_meta("skipped_relations", skipped)
     store.set_meta("known_facts", {rid: [it.fact_id for it in v] for rid, v in runner.known.items()})
+    runner.log(f"{len(runner.all_known())} known facts in {len(runner.known)} relations")
 
 
 EXPERIMENT = Experiment(

@@ -215,8 +215,6 @@ class Runner:
         self.store.set_meta("weights_digest", digest)
         for experiment in registry.plan(self.cfg.experiments):
             experiment.run(self)
-            if experiment.name == "assess":
-                self.log(f"{len(self.all_known())} known facts in {len(self.known)} relations")
         if weights_digest(self.h.model) != digest:  # every edit must have been reverted
             raise KneuronsError("model weights differ after the run: an edit was not reverted (a bug)")
         self.store.set_meta("weights_restored", True)
