@@ -35,6 +35,7 @@ class Trial:
     located: int  # the known ones among them, with their knowledge neurons
     facts: list = field(default_factory=list)  # per known fact with neurons: Δp/p under the interventions
     updates: list = field(default_factory=list)  # per fact: success@1 of the update (kn / random / paper's rule)
+    optimized: list = field(default_factory=list)  # per fact: optimize-edit through kn / random neurons
     erasures: list = field(default_factory=list)  # per erased relation: perplexity / accuracy changes
     reverted: bool = True  # every edit reverted bit-exactly
 
@@ -59,6 +60,7 @@ def run_trial(kind: str, seed: int) -> Trial:
     from kneurons.interventions import (accuracy, erase_relation, measure_intervention, perplexity,
                                         shared_neurons, success, update_fact, weights_digest)
     from kneurons.neurons import locate, random_neurons
+    from kneurons.prompts import assess
     from kneurons.synthetic import TRAINING, make_world, train
 
     torch.set_num_threads(1)
@@ -103,6 +105,21 @@ def run_trial(kind: str, seed: int) -> Trial:
             with update_fact(h, neurons, obj, new, prompt=ps[0], space=sp):
                 row[name] = success(h, ps, new, 1)
         trial.updates.append(row)
+
+    for i, ((r, s), kn) in enumerate(known):  # KN-constrained optimization, same budget for the random control
+        ps, obj, new = prompts(h, w.prompts(r, s)), w.facts[r][s], w.other_object(r, s)
+        neighbours = [prompts(h, w.prompts(r, s2))[0] for s2 in w.subjects[N_LOCATED: N_LOCATED + 4]]
+        neighbours += [prompts(h, w.prompts(r2, s))[0] for r2 in w.relations if r2 != r]
+        preserve = [prompts(h, w.prompts(r, s2))[0] for s2 in w.subjects[N_LOCATED + 4: N_LOCATED + 8]]
+        top0 = [a.top[0].token_id for a in assess(h, neighbours, obj)]
+        row = {}
+        for name, neurons in (("kn", kn), ("random", random_neurons(h, kn, seed=i))):
+            with update_fact(h, neurons, obj, new, method="optimize", prompts=ps, locality=preserve) as edit:
+                row[name] = success(h, ps, new, 1)
+                row[name + "_kept"] = statistics.mean(b == a.top[0].token_id
+                                                      for b, a in zip(top0, assess(h, neighbours, obj)))
+                row[name + "_steps"] = edit.info["steps_taken"]
+        trial.optimized.append(row)
 
     base = {r: _relation_items(w, h, r) for r in w.relations}
     ppl0 = {r: perplexity(h, *base[r]) for r in w.relations}

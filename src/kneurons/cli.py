@@ -106,7 +106,8 @@ def cmd_locate(args) -> int:
     with _progress_bar(total, args.method.replace("_", " ")) as bar:
         kn = locate(handle, args.prompts, args.target, steps=args.steps, threshold=args.threshold, p=args.p,
                     min_prompts=args.min_prompts, adaptive=args.adaptive, batch_size=args.batch_size,
-                    score=args.score, progress=bar.update, batch_prompts=args.batch_prompts, method=args.method)
+                    score=args.score, progress=bar.update, batch_prompts=args.batch_prompts, method=args.method,
+                    foils=args.foils)
     elapsed = time.time() - t
     _print_located(kn, elapsed)
     if args.save:
@@ -153,7 +154,7 @@ def _neurons_for(args, handle, kn=None):
     per_prompt = rows_per_prompt(handle, args.steps, method=args.method)
     with _progress_bar(per_prompt * len(args.prompts), "locating") as bar:
         kn = locate(handle, args.prompts, args.target, steps=args.steps, adaptive=True, progress=bar.update,
-                    batch_size=args.batch_size, score=args.score, method=args.method)
+                    batch_size=args.batch_size, score=args.score, method=args.method, foils=args.foils)
     print(f"located {len(kn)} knowledge neurons: {kn.neurons}")
     if not kn.neurons:
         raise KneuronsError("no knowledge neurons found for this fact (try more or better paraphrases)")
@@ -161,7 +162,8 @@ def _neurons_for(args, handle, kn=None):
 
 
 def _controls(args) -> list[tuple[str, str, str]]:
-    return [("control", p, t) for p, t in (args.control or [])]
+    return ([("same_relation", p, t) for p, t in (getattr(args, "relation_control", None) or [])]
+            + [("other_relation", p, t) for p, t in (args.control or [])])
 
 
 def cmd_intervene(args) -> int:
@@ -179,15 +181,21 @@ def cmd_intervene(args) -> int:
     df = res.to_dataframe()
     print(_table(df[["group", "prompt", "target", "before", "after", "rel_change"]].to_dict("records")))
     s = res.summary()
-    print(f"\n{args.command} x{factor:g} of {len(res.neurons)} neurons: fact {s['fact']:+.1%}"
-          + (f", controls {df[df.group != 'fact'].rel_change.mean():+.1%}, specificity {s['specificity']:.1f}"
-             if (df.group != "fact").any() else ""))
+    line = f"\n{args.command} x{factor:g} of {len(res.neurons)} neurons: fact {s['fact']:+.1%}"
+    if (df.group == "same_relation").any():
+        line += (f", same relation {s['same_relation']:+.1%} (relation specificity {s['relation_specificity']:.1f}: "
+                 "fact / same relation)")
+    if (df.group == "other_relation").any():
+        line += f", other controls {s['other_relation']:+.1%}"
+    if (df.group != "fact").any():
+        line += f", specificity {s['specificity']:.1f} (fact / all controls)"
+    print(line)
     return 0
 
 
 def cmd_update(args) -> int:
     from .experiments import measure_update
-    from .interventions import save_edited, update_fact, weights_digest
+    from .interventions import OptimizeSettings, save_edited, update_fact, weights_digest
 
     _check_model_dir(args.save_model)
     kn = _read_neurons(args)
@@ -200,8 +208,15 @@ def cmd_update(args) -> int:
     controls = [(p, t) for p, t in (args.control or [])]
     digest = weights_digest(handle.model)
     before = measure_update(handle, prompts, old, args.new, intra=controls, details=True)
-    with update_fact(handle, kn, old, args.new, prompt=prompts[0], lambda1=args.lambda1, lambda2=args.lambda2,
-                     space=args.space):
+    if args.update_method == "optimize":
+        edit = update_fact(handle, kn, old, args.new, method="optimize", prompts=prompts, locality=args.locality or [],
+                           settings=OptimizeSettings(**{f: v for f, v in (("steps", args.opt_steps), ("lr", args.opt_lr),
+                                                                          ("bound", args.opt_bound), ("kl", args.kl))
+                                                        if v is not None}))
+    else:
+        edit = update_fact(handle, kn, old, args.new, prompt=prompts[0], lambda1=args.lambda1, lambda2=args.lambda2,
+                           space=args.space)
+    with edit:
         after = measure_update(handle, prompts, old, args.new, intra=controls, details=True)
         if args.save_model:
             save_edited(handle, args.save_model)
@@ -211,6 +226,10 @@ def cmd_update(args) -> int:
              "after ": na.prob, f"rank of {args.new}": f"{nb.rank} -> {na.rank}"}
             for p, b, a, nb, na in zip(prompts, before["old"], after["old"], before["new"], after["new"])]
     print(_table(rows))
+    if args.update_method == "optimize":
+        print(f"\noptimized in {edit.info['steps_taken']} steps ("
+              f"{'the new answer leads on every prompt' if edit.info['success'] else 'budget spent before success'}"
+              f"), largest slot change {edit.info['max_relative_change']:.2f} x its norm")
     print(f"\nupdate {old} -> {args.new} in {len(kn)} value slots: success@1 {after['success1']:.0%}, success@5 "
           f"{after['success5']:.0%}" + (f"; control perplexity {before['ppl_intra']:.2f} -> {after['ppl_intra']:.2f}"
                                          if controls else ""))
@@ -250,7 +269,9 @@ def cmd_erase(args) -> int:
             for it in chosen:
                 sets.append(locate(handle, list(it.prompts), it.object, steps=args.steps, adaptive=True,
                                    keep_attributions=False, progress=bar.update, batch_size=args.batch_size,
-                                   score=args.score, method=args.method))
+                                   score=args.score, method=args.method,
+                                   foils=[o for o in dict.fromkeys(x.object for x in chosen) if o != it.object]
+                                   if args.score == "contrastive" and not args.foils else args.foils))
     shared = shared_neurons(sets, args.min_facts, args.top_k)
     if not shared:
         raise KneuronsError(f"no neuron is shared by {args.min_facts} or more of the {len(sets)} facts' neuron sets "
@@ -475,7 +496,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from .attribution.methods import MAX_STEPS, METHODS, SCORES
-    from .interventions import SPACES
+    from .interventions import SPACES, UPDATE_METHODS, OptimizeSettings
 
     ap = _Parser(prog="kneurons", description="Knowledge neurons in Hugging Face transformers.")
     ap.add_argument("--version", action="version", version=f"kneurons {__version__}")
@@ -508,7 +529,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--batch-size", type=_int_in(1), default=None,
                        help="rows per forward/backward pass (memory budget; default: about 2048 row-positions on CPU, "
                             "within half the available memory)")
-        p.add_argument("--score", choices=list(SCORES), default="prob")
+        p.add_argument("--score", choices=list(SCORES), default="prob",
+                       help="what is attributed: " + "; ".join(f"{s.name}: {s.description}" for s in SCORES.values()))
+        p.add_argument("--foils", nargs="+", default=None, metavar="ANSWER",
+                       help="--score contrastive: other answers of the relation to contrast the target with")
         p.add_argument("--method", choices=list(METHODS), default="integrated_gradients",
                        help="how neurons are found: "
                             + "; ".join(f"{m.name}: {m.description}" for m in METHODS.values()))
@@ -544,6 +568,10 @@ def build_parser() -> argparse.ArgumentParser:
         fact_args(p)
         p.add_argument("--factor", type=_number(), default=2.0)
         p.add_argument("--position", choices=["blank", "all"], default="blank")
+        p.add_argument("--relation-control", nargs=2, action="append", metavar=("PROMPT", "TARGET"),
+                       help="a prompt of another fact of the SAME relation and its answer (repeatable): gives the "
+                            "relation specificity (fact / same relation), which tells fact neurons from relation "
+                            "neurons")
         p.set_defaults(fn=cmd_intervene)
 
     p = sub.add_parser("update", help="rewrite a fact's answer in its neurons' value slots (then revert)")
@@ -557,6 +585,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the targets' vectors: the paper's unembedding rows (default), the residual directions the "
                         "output head maps to them (head; for heads that transform the residual, e.g. BERT's MLM "
                         "head), or the logit gradient at the first prompt (gradient)")
+    p.add_argument("--update-method", choices=UPDATE_METHODS, default="rule",
+                   help="rule: the authors' rule (lambda1, lambda2, --space); optimize: gradient steps on the value "
+                        "slots of the neurons only, until the new answer is top-1 on the prompts (--locality prompts "
+                        "kept by a KL term; --opt-steps, --opt-lr, --opt-bound, --kl)")
+    p.add_argument("--locality", action="append", default=None, metavar="PROMPT",
+                   help="optimize: a cloze whose next-token distribution the edit must keep (repeatable)")
+    p.add_argument("--opt-steps", type=_int_in(1, 10_000), default=None,
+                   help=f"optimize: at most this many steps (default {OptimizeSettings.steps})")
+    p.add_argument("--opt-lr", type=_number(lo=0, lo_open=True), default=None,
+                   help=f"optimize: step size in units of each slot's norm (default {OptimizeSettings.lr})")
+    p.add_argument("--opt-bound", type=_number(lo=0, lo_open=True), default=None,
+                   help=f"optimize: no slot moves by more than this x its norm (default {OptimizeSettings.bound})")
+    p.add_argument("--kl", type=_number(lo=0), default=None,
+                   help=f"optimize: weight of the KL term on --locality prompts (default {OptimizeSettings.kl})")
     p.add_argument("--save-model", default=None, help="save the edited model to this (new or empty) directory")
     p.set_defaults(fn=cmd_update)
 
@@ -622,6 +664,14 @@ def _precheck(args) -> None:
         v = getattr(args, name, None)
         if v is not None and not v.strip():
             raise KneuronsError(f"empty {'target' if name == 'target' else 'new answer'} (--{name})")
+    if getattr(args, "score", None) is not None and (args.command != "erase" or args.foils):
+        from .attribution.methods import get_score  # a contrastive score needs foils (erase: the relation's
+        from .attribution.plan import check_foils   # other answers by default); foils need a contrastive score
+
+        check_foils(get_score(args.score), args.foils)
+    if getattr(args, "update_method", "optimize") != "optimize" and (
+            args.locality or any(getattr(args, o) is not None for o in ("opt_steps", "opt_lr", "opt_bound", "kl"))):
+        raise KneuronsError("--locality, --opt-steps, --opt-lr, --opt-bound and --kl belong to --update-method optimize")
     factor = getattr(args, "factor", None)
     if args.command == "amplify" and factor is not None and abs(factor) > 100:
         warnings.warn(f"--factor {factor:g} multiplies the neurons' activations by more than 100: expect values "

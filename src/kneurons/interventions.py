@@ -514,7 +514,7 @@ class OptimizeSettings:
     target's every token is the top-1 with at least this log-probability lead over the runner-up on every edit
     prompt (the search stops there)."""
 
-    steps: int = 60
+    steps: int = 40
     lr: float = 0.1
     bound: float = 8.0
     kl: float = 1.0
@@ -565,15 +565,18 @@ def _optimized_deltas(handle, nrns: list[Neuron], new_target: str, prompts: Sequ
             return out + x[..., idx[layer]].to(out.dtype) @ delta
         return hook
 
-    encs, ids, mask = _encoded_batch(handle, prompts, [new_target] * len(prompts))
-    rows = [(r, p, t) for r, e in enumerate(encs) for p, t in zip(e.score_positions, e.target_ids)]
+    # one batch: the edit prompts (teacher-forced new target), then the locality prompts (read at their blank only)
+    use_kl = bool(locality) and cfg.kl > 0
+    kept = list(locality) if use_kl else []
+    encs, ids, mask = _encoded_batch(handle, list(prompts) + kept, [new_target] * (len(prompts) + len(kept)))
+    rows = [(r, p, t) for r, e in enumerate(encs[: len(prompts)]) for p, t in zip(e.score_positions, e.target_ids)]
     rr, pp, tt = (torch.tensor(v, device=dev) for v in zip(*rows))
-    if locality:
-        lencs, lids, lmask = _encoded_batch(handle, locality, ["x"] * len(locality))
-        lpos = torch.tensor([e.score_positions[0] for e in lencs], device=dev)
-        lrows = torch.arange(len(lencs), device=dev)
+    lrows = torch.arange(len(prompts), len(encs), device=dev)
+    lpos = torch.tensor([e.score_positions[0] for e in encs[len(prompts):]], device=dev, dtype=torch.long)
+    if use_kl:
         with torch.no_grad():
-            ref = torch.log_softmax(handle.model(input_ids=lids, attention_mask=lmask).logits[lrows, lpos].to(dtype), -1)
+            ref = torch.log_softmax(handle.model(input_ids=ids[lrows], attention_mask=mask[lrows]).logits[
+                torch.arange(len(kept), device=dev), lpos].to(dtype), -1)
     hooks = [arch.ffn_out[l].register_forward_hook(adder(l)) for l in by_layer]
     info = {"steps_taken": 0, "success": False}
     try:
@@ -581,21 +584,23 @@ def _optimized_deltas(handle, nrns: list[Neuron], new_target: str, prompts: Sequ
             # Adam moves every coordinate by about lr: lr / sqrt(width) moves a slot by about lr x its norm
             opt = torch.optim.Adam(list(z.values()), lr=cfg.lr / math.sqrt(arch.d_model))
             for step in range(cfg.steps + 1):
-                lp = torch.log_softmax(handle.model(input_ids=ids, attention_mask=mask).logits[rr, pp].to(dtype), -1)
+                logits = handle.model(input_ids=ids, attention_mask=mask).logits
+                lp = torch.log_softmax(logits[rr, pp].to(dtype), -1)
                 tok = lp[torch.arange(len(rows), device=dev), tt]
                 others = lp.detach().clone()
                 others[torch.arange(len(rows), device=dev), tt] = -math.inf
                 lead = tok.detach() - others.max(-1).values
                 info["steps_taken"], info["min_lead"] = step, float(lead.min())
+                per_prompt = torch.zeros(len(prompts), dtype=dtype, device=dev).index_add(0, rr, tok.detach())
+                info["logprob_new"] = [float(v) for v in per_prompt]  # log P(new) per edit prompt, as edited
                 if bool((lead >= cfg.margin).all()):
                     info["success"] = True
                     break
                 if step == cfg.steps:
                     break
                 loss = -tok.sum() / len(prompts)
-                if locality and cfg.kl > 0:
-                    cur = torch.log_softmax(handle.model(input_ids=lids, attention_mask=lmask).logits[lrows, lpos]
-                                            .to(dtype), -1)
+                if use_kl:
+                    cur = torch.log_softmax(logits[lrows, lpos].to(dtype), -1)
                     kl = (ref.exp() * (ref - cur)).sum(-1).mean()
                     info["kl"] = float(kl.detach())
                     loss = loss + cfg.kl * kl
