@@ -348,6 +348,14 @@ def cmd_demo(args) -> int:
     if not kn.neurons:
         print("no knowledge neurons at these settings; stopping")
         return 0
+    foils = [o for o in dict.fromkeys(f.object for f in facts.relation(fact.relation).facts) if o != obj]
+    t = time.time()
+    with _progress_bar(rows_per_prompt(handle, args.steps) * len(prompts), "contrastive") as bar:
+        ckn = locate(handle, prompts, obj, steps=args.steps, adaptive=True, batch_size=args.batch_size,
+                     score="contrastive", foils=foils, progress=bar.update)
+    print(f"\nfact-specific candidates: the contrastive score log P({obj}) - log mean P(foil) over the relation's "
+          f"{len(foils)} other answers ({time.time() - t:.1f}s) finds {len(ckn)} neurons: {ckn.neurons} "
+          f"({len(set(ckn.neurons) & set(kn.neurons))} shared with the paper's {len(kn)})")
 
     same = [it for it in known if it.relation == fact.relation and it.subject != fact.subject][:5]
     other = [next(it for it in known if it.relation == rid)
@@ -358,17 +366,22 @@ def cmd_demo(args) -> int:
     rnd = random_neurons(handle, kn, seed=0)
     summary = []
     before = assess(handle, prompts + [p for _, p, _ in controls], [obj] * len(prompts) + [t for _, _, t in controls])
-    for label, neurons, factor in (("suppress (x0)", kn, 0.0), ("amplify (x2)", kn, 2.0),
-                                   ("suppress random neurons", rnd, 0.0), ("amplify random neurons", rnd, 2.0)):
+    sets = [("suppress (x0)", kn, 0.0), ("amplify (x2)", kn, 2.0), ("suppress random neurons", rnd, 0.0),
+            ("amplify random neurons", rnd, 2.0)]
+    if ckn.neurons:
+        sets += [("suppress contrastive neurons", ckn, 0.0), ("amplify contrastive neurons", ckn, 2.0)]
+    for label, neurons, factor in sets:
         res = measure_intervention(handle, neurons, prompts, obj, factor, controls, before=before)
         if label == "suppress (x0)":
             print(_table(res.to_dataframe()[["group", "prompt", "target", "before", "after", "rel_change"]]
                          .to_dict("records")))
         s_ = res.summary()
         summary.append({"intervention": label, "fact dp/p": f"{s_['fact']:+.1%}",
-                        "same relation": f"{s_['same_relation']:+.1%}", "other relations": f"{s_['other_relation']:+.1%}"})
+                        "same relation": f"{s_['same_relation']:+.1%}", "other relations": f"{s_['other_relation']:+.1%}",
+                        "fact / same relation": f"{s_['relation_specificity']:.2f}"})
     print()
     print(_table(summary))
+    print("fact / same relation: about 1 for neurons of the relation, large for neurons of this one fact")
 
     new = next((it.object for it in same if it.object != obj), None)
     if new is None:
@@ -389,11 +402,24 @@ def cmd_demo(args) -> int:
     tops = {}
     for lam2 in (8.0, 2.0, 1.0):  # the authors' lambda2 = 8 first, then milder edits
         with update_fact(handle, kn, obj, new, prompt=prompts[0], lambda1=1.0, lambda2=lam2):
-            values, tops[lam2] = state()
+            values, tops[f"rule, l2={lam2:g}"] = state()
             rows.append({"": f"after (l1=1, l2={lam2:g})", **values})
+    # KN-constrained optimization: the same value slots, trained on the first two prompts (the others measure
+    # generalization), keeping two same-relation facts' answers (the neighbours below are other facts)
+    keep, neighbours = same[:2], same[2:] + other[:3]
+    with update_fact(handle, kn, obj, new, method="optimize", prompts=prompts[:2],
+                     locality=[it.prompts[0] for it in keep]) as edit:
+        values, tops["optimize"] = state()
+        rows.append({"": f"after (optimize, {edit.info['steps_taken']} steps)", **values})
+        after_n = assess(handle, [it.prompts[0] for it in neighbours], [it.object for it in neighbours])
+    before_n = assess(handle, [it.prompts[0] for it in neighbours], [it.object for it in neighbours])
     print(_table(rows, floatfmt="{:.4g}"))
-    for lam2, t in tops.items():
-        print(f"top-1 answers after the update with l2={lam2:g}: {', '.join(t)}")
+    for name, t in tops.items():
+        print(f"top-1 answers after the update ({name}): {', '.join(t)}")
+    print(f"\nneighbours (other facts; not trained on) under the optimize edit:")
+    print(_table([{"prompt": b.prompt, "answer": b.target, "P before": b.prob, "P after": a.prob,
+                   "top-1 before": b.top[0].token.strip(), "top-1 after": a.top[0].token.strip()}
+                  for b, a in zip(before_n, after_n)], floatfmt="{:.3g}"))
     same_weights = weights_digest(handle.model) == digest
     print(f"reverted: every weight bit-identical to before: {'yes' if same_weights else 'NO'}")
     if not same_weights:
@@ -664,12 +690,12 @@ def _precheck(args) -> None:
         v = getattr(args, name, None)
         if v is not None and not v.strip():
             raise KneuronsError(f"empty {'target' if name == 'target' else 'new answer'} (--{name})")
-    if getattr(args, "score", None) is not None and (args.command != "erase" or args.foils):
+    if hasattr(args, "foils") and (args.command != "erase" or args.foils):
         from .attribution.methods import get_score  # a contrastive score needs foils (erase: the relation's
         from .attribution.plan import check_foils   # other answers by default); foils need a contrastive score
 
         check_foils(get_score(args.score), args.foils)
-    if getattr(args, "update_method", "optimize") != "optimize" and (
+    if hasattr(args, "locality") and args.update_method != "optimize" and (
             args.locality or any(getattr(args, o) is not None for o in ("opt_steps", "opt_lr", "opt_bound", "kl"))):
         raise KneuronsError("--locality, --opt-steps, --opt-lr, --opt-bound and --kl belong to --update-method optimize")
     factor = getattr(args, "factor", None)

@@ -515,7 +515,7 @@ class OptimizeSettings:
     prompt (the search stops there)."""
 
     steps: int = 40
-    lr: float = 0.1
+    lr: float = 0.3
     bound: float = 8.0
     kl: float = 1.0
     margin: float = 1.0
