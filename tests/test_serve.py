@@ -379,3 +379,18 @@ def test_serve_prints_its_url_and_stops_cleanly_on_ctrl_c(tmp_path):
     assert rc == 0, err
     assert "explorer stopped" in err and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # nothing written
+
+
+def test_serve_refuses_a_busy_port_before_loading(tmp_path, capsys):
+    from kneurons.cli import main
+    from kneurons.server import bind
+
+    busy = bind("127.0.0.1", 0)
+    try:
+        port = busy.getsockname()[1]
+        code = main(["serve", "--model", str(tmp_path / "no-model-here"), "--port", str(port)])
+    finally:
+        busy.close()
+    out, err = capsys.readouterr()
+    assert code == 2 and out == ""
+    assert err.startswith(f"kneurons: error: cannot listen on 127.0.0.1:{port}") and len(err.splitlines()) == 1
