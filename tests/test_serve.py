@@ -394,3 +394,22 @@ def test_serve_refuses_a_busy_port_before_loading(tmp_path, capsys):
     out, err = capsys.readouterr()
     assert code == 2 and out == ""
     assert err.startswith(f"kneurons: error: cannot listen on 127.0.0.1:{port}") and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "bert"])
+def test_observing_blocks_changes_no_attribution(model_type, one_thread):
+    """The explorer's heartbeat (kneurons.hooks.observe_blocks) sees every block forward and backward during an
+    attribution and leaves its numbers bit-identical."""
+    from kneurons.hooks import observe_blocks
+
+    h = handle_for(model_type, dtype=torch.float64)
+    prompt = "the capital of france is [MASK] ." if h.is_masked else PROMPTS[0]
+    plain = kneurons.integrated_gradients(h, prompt, "paris", steps=5)
+    seen = []
+    with observe_blocks(h.arch, lambda layer, direction: seen.append((layer, direction))):
+        observed = kneurons.integrated_gradients(h, prompt, "paris", steps=5)
+    assert torch.equal(plain.scores, observed.scores) and plain.base_score == observed.base_score
+    assert {(l, d) for l in range(h.n_layers) for d in ("forward", "backward")} <= set(seen)
+    n = len(seen)
+    kneurons.assess(h, prompt, "paris")
+    assert len(seen) == n  # removed on exit

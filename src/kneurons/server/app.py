@@ -63,14 +63,20 @@ class Job:
         self.finished: float | None = None
         self.result = None
         self.error: str | None = None
+        self.beats = 0  # blocks seen forward and backward (kneurons.hooks.observe_blocks)
+        self.stage: dict | None = None
 
     def progress(self, n: int) -> None:
         self.done += int(n)
 
+    def heartbeat(self, layer: int, direction: str) -> None:
+        self.beats += 1
+        self.stage = {"layer": layer, "direction": direction}
+
     def as_dict(self, with_result: bool = True) -> dict:
         end = self.finished or time.time()
         out = {"id": self.id, "state": self.state, "done": self.done, "total": self.total, "what": self.what,
-               "elapsed": round(end - self.started, 3)}
+               "elapsed": round(end - self.started, 3), "beats": self.beats, "stage": self.stage}
         if self.error:
             out["error"] = self.error
         if with_result and self.state == "done":
@@ -375,14 +381,16 @@ def create_app(handle, runs_dir: str | Path | None = None):
             job.finished = time.time()
 
     def locate_result(body, prompts, job) -> dict:
+        from ..hooks import observe_blocks
         from ..neurons import locate
 
-        if len(prompts) == 1:  # one prompt: its coarse neurons (locate refines over paraphrases, >= 2)
-            kn = _one_prompt(handle, prompts[0], body, job.progress)
-        else:
-            kn = locate(handle, prompts, body.target, steps=body.steps, threshold=body.threshold, p=body.p,
-                        min_prompts=body.min_prompts, adaptive=body.adaptive, score=body.score,
-                        progress=job.progress, method=body.method)
+        with observe_blocks(handle.arch, job.heartbeat):  # life between the engine's per-pass progress calls
+            if len(prompts) == 1:  # one prompt: its coarse neurons (locate refines over paraphrases, >= 2)
+                kn = _one_prompt(handle, prompts[0], body, job.progress)
+            else:
+                kn = locate(handle, prompts, body.target, steps=body.steps, threshold=body.threshold, p=body.p,
+                            min_prompts=body.min_prompts, adaptive=body.adaptive, score=body.score,
+                            progress=job.progress, method=body.method)
         return neuron_set(kn)
 
     def neuron_set(kn) -> dict:

@@ -107,8 +107,10 @@ async function locate() {
 function showProgress(job) {
   const frac = job.total ? job.done / job.total : (job.state === "done" ? 1 : 0);
   $("locate-bar").value = frac;
+  const st = job.stage && job.state === "running"
+    ? ", block " + job.stage.layer + (job.stage.direction === "forward" ? " forward" : " backward") : "";
   $("locate-progress").textContent = job.state + ": " + job.done + " / " + job.total + " rows, " +
-    job.elapsed.toFixed(1) + " s";
+    job.elapsed.toFixed(1) + " s" + st;
 }
 
 function showSet(res) {
