@@ -86,10 +86,11 @@ def main() -> None:
     # locate from 3 paraphrases: server job vs library vs CLI
     loc = {"prompts": PROMPTS, "target": "Paris", "steps": 20, "adaptive": True}
     server_t, lib_t, cli_t, gaps = [], [], [], []
+    server_c, lib_c = [], []  # CPU time of this process (the server's threads included): less sensitive to other load
     neurons = {}
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     for r in range(args.repeats):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         job = post(url + "api/locate", loc)
         seen = {"rows": (-1, time.perf_counter(), 0.0), "shown": (None, time.perf_counter(), 0.0)}
         while job["state"] in ("queued", "running"):
@@ -102,12 +103,14 @@ def main() -> None:
                     seen[what] = (value, now, max(gap, now - last_t) if job["state"] == "running" and last not in
                                   (-1, None) else gap)
         server_t.append(time.perf_counter() - t)
+        server_c.append(time.process_time() - c)
         gaps.append((seen["rows"][2], seen["shown"][2]))
         assert job["state"] == "done", job
         neurons["server"] = [tuple(n) for n in job["result"]["set"]["neurons"]]
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         kn = kneurons.locate(h, PROMPTS, "Paris", steps=20, adaptive=True)
         lib_t.append(time.perf_counter() - t)
+        lib_c.append(time.process_time() - c)
         neurons["library"] = kn.neurons
         if r == 0:  # the CLI loads its own model: once, after the first pair
             cmd = [sys.executable, "-m", "kneurons", "locate", "--target", "Paris", "--adaptive", *PROMPTS]
@@ -123,6 +126,8 @@ def main() -> None:
     print(f"locate, 3 paraphrases, 20 steps: explorer job {' '.join(f'{x:.2f}' for x in server_t)} s (client "
           f"wall, polling 0.1 s); kneurons.locate {' '.join(f'{x:.2f}' for x in lib_t)} s; kneurons locate (its "
           f"printed time) {' '.join(f'{x:.2f}' for x in cli_t)} s")
+    print(f"CPU seconds: explorer job {' '.join(f'{x:.2f}' for x in server_c)}; kneurons.locate "
+          f"{' '.join(f'{x:.2f}' for x in lib_c)}; ratio of medians {statistics.median(server_c) / statistics.median(lib_c):.3f}")
     print(f"explorer / library: {min(server_t) / min(lib_t):.3f} (best of {args.repeats} each); explorer / CLI: "
           f"{min(server_t) / min(cli_t):.3f}; same neurons: {same}; longest gap between updates seen by a client "
           f"polling every 0.1 s: of the rows done {max(g[0] for g in gaps):.2f} s, of the progress shown (rows and "

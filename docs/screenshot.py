@@ -42,8 +42,6 @@ def main() -> None:
             page.wait_for_selector("#explain-table tr:nth-child(2)")
             page.click("#suppress-btn")
             page.wait_for_selector("#intervene-summary")
-            box = page.locator("#heatmap").bounding_box()
-            page.locator("#locate-panel").scroll_into_view_if_needed()
             page.evaluate("window.scrollTo(0, document.getElementById('locate-panel').offsetTop - 50)")
             box = page.locator("#heatmap").bounding_box()
             page.mouse.move(box["x"] + box["width"] * 0.6, box["y"] + box["height"] - 4)

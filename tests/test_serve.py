@@ -17,18 +17,15 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-import kneurons  # noqa: E402
-from helpers import handle_for, word_tokenizer  # noqa: E402
-from kneurons import interventions  # noqa: E402
-from kneurons.attribution import METHODS, SCORES  # noqa: E402
-from serving import Served  # noqa: E402
-from tiny import tiny_model  # noqa: E402
+import kneurons
+from helpers import handle_for, word_tokenizer
+from kneurons import interventions
+from kneurons.attribution import METHODS, SCORES
+from serving import Served
+from tiny import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["the capital of france is ___ .", "france has its capital in ___", "the capital city of france is ___"]

@@ -11,14 +11,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+from playwright import sync_api  # the dev extra installs it; the browser is Debian's (make browser)
 
-pytest.importorskip("fastapi")
-sync_api = pytest.importorskip("playwright.sync_api")
-
-import kneurons  # noqa: E402
-from helpers import handle_for  # noqa: E402
-from kneurons.interventions import weights_digest  # noqa: E402
-from serving import Served  # noqa: E402
+import kneurons
+from helpers import handle_for
+from kneurons.interventions import weights_digest
+from serving import Served
 
 CHROMIUM = "/usr/bin/chromium"
 PROMPTS = ["the capital of france is ___ .", "france has its capital in ___", "the capital city of france is ___"]

@@ -25,7 +25,7 @@ import torch
 from .errors import KneuronsError
 from .hooks import capture
 from .interventions import _block_states, _last_block
-from .neurons import Neuron, blank_activations, check_neurons
+from .neurons import blank_activations, check_neurons
 from .prompts import encode, pad_batch, pad_id
 
 __all__ = ["explain_neurons", "vocabulary_projection", "fact_prompts", "fact_activations"]

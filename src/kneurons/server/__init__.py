@@ -60,5 +60,6 @@ def serve(app, sock: socket.socket, log_level: str = "warning") -> None:
     signal as the process's own handler sees it)."""
     import uvicorn
 
-    config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="off")
+    # requests still waiting for the model get 5 s after Ctrl-C; an attribution job (a daemon thread) ends with us
+    config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="off", timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])
