@@ -31,7 +31,14 @@ def _number(text: str) -> float:
 def test_explorer_in_chromium(tmp_path):
     if not Path(CHROMIUM).is_file():
         pytest.fail(f"{CHROMIUM} is not installed: apt-get install -y --no-install-recommends chromium (make browser)")
-    served = Served(handle_for("llama", seed=3))
+    from kneurons.experiments import RunStore
+
+    runs = tmp_path / "runs"
+    with RunStore.open(runs / "tiny-run", {"model": "tiny", "steps": 20}) as st:
+        st.put("assess", "a:0", "a", [{"fact_id": "a:0", "known": True}])
+    (runs / "tiny-run" / "report").mkdir()
+    (runs / "tiny-run" / "report" / "report.html").write_text("<html><body><h1>the tiny run's report</h1></body></html>")
+    served = Served(handle_for("llama", seed=3), runs)
     digest = weights_digest(served.handle.model)
     problems: list[str] = []
     expected_400 = []
@@ -50,6 +57,15 @@ def test_explorer_in_chromium(tmp_path):
             assert page.inner_text("#model-state") == "original weights"
             methods = page.eval_on_selector_all("#locate-method option", "os => os.map(o => o.value)")
             assert methods == list(kneurons.attribution.METHODS)
+
+            # the runs under --runs, each report one click away
+            page.wait_for_selector("#runs-table tr:nth-child(2)")
+            assert "tiny-run" in page.inner_text("#runs-table")
+            with page.context.expect_page() as report_page:
+                page.click("#runs-table a")
+            report_page.value.wait_for_selector("h1")
+            assert report_page.value.inner_text("h1") == "the tiny run's report"
+            report_page.value.close()
 
             # predict
             page.fill("#predict-prompt", PROMPTS[0])

@@ -196,7 +196,7 @@ function drawHeatmap() {
   const every = Math.ceil(12 / g.rh);
   for (let l = 0; l < h.n_layers; l += every) ctx.fillText("L" + l, 2, l * g.rh + Math.min(g.rh, 10));
   ctx.strokeStyle = "#000";
-  ctx.lineWidth = 1;
+  ctx.lineWidth = 1.5;
   for (const k of state.selected) {
     const [l, i] = k.split(":").map(Number);
     if (l < h.n_layers && i < h.d_ff) ctx.strokeRect(g.left + i * g.cw - 2.5, l * g.rh - 0.5, g.cw + 5, g.rh + 1);
