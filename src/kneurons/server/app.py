@@ -248,6 +248,9 @@ def create_app(handle, runs_dir: str | Path | None = None):
     async def limit_body(request: Request, call_next):
         size = request.headers.get("content-length")
         if size is not None and (not size.isdigit() or int(size) > LIMITS["body_bytes"]):
+            if size.isdigit() and int(size) <= 32 * LIMITS["body_bytes"]:
+                async for _ in request.stream():  # read (and drop) it, so that the client sees the answer
+                    pass
             return err(413, f"request too large: {size} bytes (at most {LIMITS['body_bytes']})")
         return await call_next(request)
 
