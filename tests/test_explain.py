@@ -75,7 +75,7 @@ def test_explain_neurons_columns_and_values():
         order = one_by_one[:, l, i].argsort(descending=True)[:3].tolist()
         assert row.top_facts == [items[j][0] for j in order]
         assert row.top_fact_activations == sorted(row.top_fact_activations, reverse=True)
-        assert row.slot_norm == pytest.approx(float(h.arch.value_slots(l)[i].norm()))
+        assert row.slot_norm == pytest.approx(float(h.arch.value_slots(l)[i].detach().norm()))
 
 
 def test_explain_takes_a_located_set_and_its_prompt():

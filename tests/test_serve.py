@@ -179,7 +179,7 @@ def test_intervene_is_measure_intervention(served, located):
             after = kneurons.assess(served.handle, PROMPTS[0], "paris", top_k=5)[0]
         assert out["after"]["prob"] == pytest.approx(after.prob, rel=1e-6)
         assert [t["token"] for t in out["after"]["top"]] == [p.token for p in after.top]
-        assert out["before"]["prob"] == pytest.approx(out["rows"][0]["before"], rel=1e-9)
+        assert out["before"]["prob"] == pytest.approx(out["rows"][0]["before"], rel=1e-5)  # batch of 5 vs 1
     assert served.ok("/api/predict", {"prompt": PROMPTS[0], "target": "paris"})["prob"] == pytest.approx(
         out["before"]["prob"], rel=1e-6)  # nothing left switched off
 
