@@ -366,6 +366,12 @@ def test_serve_prints_its_url_and_stops_cleanly_on_ctrl_c(tmp_path):
 
         with urllib.request.urlopen(m.group(1) + "api/info", timeout=60) as res:
             assert json.loads(res.read())["model"]["type"] == "llama"
+        import urllib.error
+
+        foreign = urllib.request.Request(m.group(1) + "api/info", headers={"Host": "attacker.example"})
+        with pytest.raises(urllib.error.HTTPError) as refused:  # a page on another name (DNS rebinding)
+            urllib.request.urlopen(foreign, timeout=60)
+        assert refused.value.code == 400
         proc.send_signal(signal.SIGINT)
         rc = proc.wait(60)
     finally:

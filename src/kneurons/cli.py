@@ -469,6 +469,10 @@ def cmd_serve(args) -> int:
     try:
         handle = _load(args)
         app = create_app(handle, args.runs)
+        if args.host in ("127.0.0.1", "localhost"):  # only this machine's names reach it (no DNS rebinding)
+            from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+            app.add_middleware(TrustedHostMiddleware, allowed_hosts=["127.0.0.1", "localhost"])
         print(f"kneurons explorer: {url_of(sock)}  (Ctrl-C stops it)", flush=True)
         try:
             serve(app, sock)
