@@ -207,13 +207,19 @@ def test_update_then_revert_is_bit_exact(served, located):
     assert status == 400 and "not edited" in none["error"]
 
 
-def test_update_with_each_space_the_info_lists(served, located):
+def test_update_with_each_space_and_method_the_info_lists(served, located):
     neurons = located["result"]["set"]["neurons"]
     digest = served.explorer.original_digest
-    for space in served.ok("/api/info")["spaces"]:
+    info = served.ok("/api/info")
+    for space in info["spaces"]:
         out = served.ok("/api/update", {"neurons": neurons, "prompts": PROMPTS[:2], "target": "paris", "new": "rome",
                                         "space": space, "lambda2": 2.0})
         assert out["edit"]["space"] == space
+        assert served.ok("/api/revert", {})["last_check"]["identical"] is True
+    for method in info["update_methods"]:  # the library's own list, where it has one
+        out = served.ok("/api/update", {"neurons": neurons, "prompts": PROMPTS[:2], "target": "paris", "new": "rome",
+                                        "method": method})
+        assert out["edited"] is True and out["edit"].get("method", method) == method
         assert served.ok("/api/revert", {})["last_check"]["identical"] is True
     assert interventions.weights_digest(served.handle.model) == digest
 
