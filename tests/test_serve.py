@@ -85,6 +85,14 @@ def test_predict_is_assess(served):
     assert out["edited"] is False
 
 
+def test_predict_without_a_target_gives_the_top_k_at_the_blank(served):
+    out = served.ok("/api/predict", {"prompt": PROMPTS[0], "top_k": 6})
+    ref = kneurons.assess(served.handle, PROMPTS[0], "paris", top_k=6)[0]  # the top-k do not depend on the answer
+    assert [t["token"] for t in out["top"]] == [p.token for p in ref.top]
+    assert [t["prob"] for t in out["top"]] == pytest.approx([p.prob for p in ref.top], rel=1e-6)
+    assert out["target"] is None and out["prob"] is None and out["rank"] is None
+
+
 def test_locate_job_is_locate_with_progress_and_heatmap(served, located):
     h = served.handle
     ref = kneurons.locate(h, PROMPTS, "paris", steps=4, p=0.3, min_prompts=1, adaptive=False)
@@ -264,7 +272,7 @@ def test_neuron_set_upload_is_the_library_json(served, located, tmp_path):
 BAD = [
     ("/api/predict", {"prompt": "no blank here", "target": "paris"}, 400, "no blank"),
     ("/api/predict", {"prompt": PROMPTS[0], "target": "  "}, 400, "empty target"),
-    ("/api/predict", {"prompt": PROMPTS[0]}, 400, "target: Field required"),
+    ("/api/predict", {"prompt": "no blank"}, 400, "no blank"),
     ("/api/predict", {"prompt": PROMPTS[0], "target": "paris", "top_k": 0}, 400, "top_k"),
     ("/api/predict", {"prompt": PROMPTS[0], "target": "paris", "bogus": 1}, 400, "bogus"),
     ("/api/predict", {"prompt": "the ___ is the capital .", "target": "paris"}, 400, "blank must end"),

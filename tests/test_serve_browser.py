@@ -74,6 +74,9 @@ def test_explorer_in_chromium(tmp_path):
             page.wait_for_selector("#predict-summary")
             ref = kneurons.assess(served.handle, PROMPTS[0], "paris")[0]
             assert f"rank {ref.rank}" in page.inner_text("#predict-summary")
+            page.fill("#predict-target", "")  # no target: the top-k only
+            page.click("#predict-btn")
+            page.wait_for_function("document.getElementById('predict-summary').textContent.startsWith('top-10')")
 
             # attribute and locate
             page.fill("#locate-prompts", "\n".join(PROMPTS))

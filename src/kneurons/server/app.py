@@ -177,7 +177,7 @@ class Control(Body):
 
 class PredictIn(Body):
     prompt: str = Field(max_length=LIMITS["prompt_chars"])
-    target: str = Field(max_length=200)
+    target: Optional[str] = Field(None, max_length=200)  # omitted: the top-k only
     top_k: int = Field(10, ge=1, le=LIMITS["top_k"])
 
 
@@ -340,10 +340,14 @@ def create_app(handle, runs_dir: str | Path | None = None):
     def predict(body: PredictIn):
         from ..prompts import assess
 
-        check_prompts([body.prompt], body.target)
+        target = body.target if body.target is not None else _one_token_answer(handle, body.prompt)
+        check_prompts([body.prompt], target)
         with ex.lock:
-            a = assess(handle, [body.prompt], body.target, top_k=body.top_k)[0]
-        return {**assessed(a), "edited": ex.edit is not None}
+            a = assess(handle, [body.prompt], target, top_k=body.top_k)[0]
+        out = {**assessed(a), "edited": ex.edit is not None}
+        if body.target is None:  # the top-k at the blank only: nothing of the stand-in answer is shown
+            out.update(target=None, prob=None, rank=None, correct=None)
+        return out
 
     @app.post("/api/locate")
     def locate_start(body: LocateIn):
@@ -571,6 +575,21 @@ def create_app(handle, runs_dir: str | Path | None = None):
         return FileResponse(f)
 
     return app
+
+
+def _one_token_answer(handle, prompt: str) -> str:
+    """A stand-in answer of one token, so that :func:`kneurons.assess` scores a cloze given without a target: its
+    top-k are the predictions at the blank (one mask for a masked model), which do not depend on the answer."""
+    from ..prompts import encode, parse_cloze
+
+    parse_cloze(prompt)
+    for word in ("the", "a", "of", "and", ".", ","):
+        try:
+            if len(encode(handle, prompt, word).target_ids) == 1:
+                return word
+        except KneuronsError:
+            continue
+    raise KneuronsError("give a target: this tokenizer spells none of the stand-in answers in one token")
 
 
 def _clean(v):

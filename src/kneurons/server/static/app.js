@@ -66,12 +66,13 @@ function topTable(top, target) {
 }
 
 async function predict() {
-  const r = await api("/api/predict", {
-    prompt: $("predict-prompt").value, target: $("predict-target").value, top_k: Number($("predict-topk").value),
-  });
-  $("predict-out").innerHTML = "<p id='predict-summary'>P(" + esc(r.target) + ") = <b>" + fmt(r.prob) +
-    "</b>, rank " + r.rank + (r.correct ? " (top-1)" : "") + (r.edited ? " — on the edited model" : "") + "</p>" +
-    topTable(r.top, r.target);
+  const body = { prompt: $("predict-prompt").value, top_k: Number($("predict-topk").value) };
+  if ($("predict-target").value !== "") body.target = $("predict-target").value;  // empty: the top-k only
+  const r = await api("/api/predict", body);
+  const edited = r.edited ? " — on the edited model" : "";
+  $("predict-out").innerHTML = "<p id='predict-summary'>" + (r.target === null ? "top-" + r.top.length + edited
+    : "P(" + esc(r.target) + ") = <b>" + fmt(r.prob) + "</b>, rank " + r.rank + (r.correct ? " (top-1)" : "") + edited) +
+    "</p>" + topTable(r.top, r.target === null ? null : r.target);
 }
 
 // ------------------------------------------------------------------------------------------ locate
