@@ -109,6 +109,16 @@ def test_locate_job_is_locate_with_progress_and_heatmap(served, located):
     assert res["set"]["kind"] == "kneurons.KnowledgeNeurons"
 
 
+def test_locate_with_the_contrastive_score(served):
+    h = served.handle
+    body = {**LOCATE, "score": "contrastive", "foils": ["berlin", "rome"]}
+    res = served.wait_job(served.ok("/api/locate", body))["result"]
+    ref = kneurons.locate(h, PROMPTS, "paris", steps=4, p=0.3, min_prompts=1, adaptive=False, score="contrastive",
+                          foils=["berlin", "rome"])
+    assert [tuple(n) for n in res["set"]["neurons"]] == ref.neurons
+    assert res["set"]["params"]["foils"] == ["berlin", "rome"] and res["heatmap"]["score"] == "contrastive"
+
+
 def test_locate_one_prompt_gives_its_coarse_neurons(served):
     job = served.wait_job(served.ok("/api/locate", {**LOCATE, "prompts": PROMPTS[:1]}))
     assert job["state"] == "done", job
@@ -279,6 +289,8 @@ BAD = [
     ("/api/predict", {"prompt": "x " * 1500 + "___", "target": "paris"}, 400, "prompt"),
     ("/api/locate", {**LOCATE, "method": "magic"}, 400, "magic"),
     ("/api/locate", {**LOCATE, "score": "magic"}, 400, "magic"),
+    ("/api/locate", {**LOCATE, "score": "contrastive"}, 400, "needs foils"),
+    ("/api/locate", {**LOCATE, "foils": ["rome"]}, 400, "only by a contrastive"),
     ("/api/locate", {**LOCATE, "p": 1.5}, 400, "p must be in (0, 1]"),
     ("/api/locate", {**LOCATE, "threshold": 0}, 400, "threshold must be in (0, 1]"),
     ("/api/locate", {**LOCATE, "steps": 0}, 400, "steps"),

@@ -187,6 +187,7 @@ class LocateIn(Body):
     method: str = "integrated_gradients"
     steps: int = Field(20, ge=1, le=LIMITS["steps"])
     score: str = "prob"
+    foils: list[str] = Field([], max_length=LIMITS["prompts"] * 20)  # score "contrastive": the relation's other answers
     threshold: Optional[float] = None
     p: float = 0.7
     min_prompts: int = Field(3, ge=1, le=LIMITS["prompts"])
@@ -354,8 +355,10 @@ def create_app(handle, runs_dir: str | Path | None = None):
         from ..attribution import get_method, get_score, rows_per_prompt
         from ..neurons import _check_fraction
 
+        from ..attribution.plan import check_foils
+
         m = get_method(body.method)
-        get_score(body.score)
+        check_foils(get_score(body.score), body.foils)
         _check_fraction("threshold", body.threshold)
         _check_fraction("p", body.p)
         prompts = [p for p in body.prompts]
@@ -397,7 +400,7 @@ def create_app(handle, runs_dir: str | Path | None = None):
             else:
                 kn = locate(handle, prompts, body.target, steps=body.steps, threshold=body.threshold, p=body.p,
                             min_prompts=body.min_prompts, adaptive=body.adaptive, score=body.score,
-                            progress=job.progress, method=body.method)
+                            progress=job.progress, method=body.method, foils=body.foils or None)
         return neuron_set(kn)
 
     def neuron_set(kn) -> dict:
@@ -613,7 +616,7 @@ def _one_prompt(handle, prompt: str, body, progress):
         raise KneuronsError(f"method {m.name!r} needs at least 2 paraphrase prompts here; give more prompts")
     threshold = (m.threshold if m.threshold is not None else 0.2) if body.threshold is None else body.threshold
     attrs = attribute(handle, [prompt], body.target, steps=body.steps, score=body.score, progress=progress,
-                      method=m.name)
+                      method=m.name, foils=body.foils or None)
     coarse = coarse_neurons(attrs[0], threshold)
     params = {"method": m.name, "threshold": threshold, "steps": body.steps, "score": body.score, "p_used": None,
               "single_prompt": True}

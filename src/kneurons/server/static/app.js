@@ -88,6 +88,7 @@ async function locate() {
   const th = $("locate-threshold").value.trim();
   const body = {
     prompts, target: $("locate-target").value, method: $("locate-method").value, score: $("locate-score").value,
+    foils: $("locate-foils").value.split(",").map((s) => s.trim()).filter((s) => s),
     steps: Number($("locate-steps").value), threshold: th === "" ? null : Number(th), p: Number($("locate-p").value),
     min_prompts: Number($("locate-min").value), adaptive: $("locate-adaptive").checked,
   };
