@@ -149,6 +149,7 @@ class RayPool:
         self.finished: dict[int, tuple[_Pending, Outcome]] = {}
         self.next_seq = self.committed = 0
         self.replaced = self.retried = 0
+        self.started: list[dict] = []  # what each worker reported when it started (replacements included)
         self.in_callback = False
         self.log: Callable[[str], None] = lambda msg: None
 
@@ -188,9 +189,10 @@ class RayPool:
         self.spec = (config.model, config.dtype, device, self.threads)
         self.digest = digest
         self.driver_handle = handle
-        actors = [self._new_actor() for _ in range(n)]
-        infos = self._ready(actors)
-        self.slots = [_Slot(a, i) for a, i in zip(actors, infos)]
+        self.slots = [_Slot(self._new_actor(), {}) for _ in range(n)]  # (stopped by close() if refused)
+        infos = self._ready([s.actor for s in self.slots])
+        for s, info in zip(self.slots, infos):
+            s.info = info
         where = collections.Counter(i["host"] for i in infos)
         self.log(f"ray: {n} workers ({', '.join(f'{c} on {h}' for h, c in where.items())}; {gpus} GPU(s) and "
                  f"{self.threads} thread(s) each; model on {infos[0]['device']})")
@@ -225,6 +227,7 @@ class RayPool:
                                     f"(SHA-256 {info['digest'][:12]}…, driver {self.digest[:12]}…; "
                                     f"{self._difference(a)})")
             infos.append(info)
+        self.started += infos
         return infos
 
     def _difference(self, actor) -> str:
@@ -300,8 +303,8 @@ class RayPool:
                                     f"{p.task.label or p.seq} ({_first_line(exc)})")
             self.replaced += 1
             self.log(f"ray: worker pid {slot.info['pid']} on {slot.info['host']} died; starting another")
-            actor = self._new_actor()
-            self.slots[i] = _Slot(actor, self._ready([actor])[0])
+            self.slots[i] = _Slot(self._new_actor(), {})
+            self.slots[i].info = self._ready([self.slots[i].actor])[0]
             for ref, (q, j) in list(self.inflight.items()):  # the dead actor's other units go back to the queue
                 if j == i and ref in slot.running:
                     del self.inflight[ref]
@@ -317,6 +320,10 @@ class RayPool:
     def worker_info(self) -> list[dict]:
         """What each current worker reported when it started: pid, host, ip, gpus, device, digest."""
         return [dict(s.info) for s in self.slots]
+
+    def stats(self) -> dict:
+        """Workers started (replacements included), workers replaced, unit attempts retried."""
+        return {"started": len(self.started), "replaced": self.replaced, "retried": self.retried}
 
     def close(self) -> None:
         ray = self.ray

@@ -227,8 +227,8 @@ class Runner:
             raise KneuronsError(f"{self.store.dir} was run with other weights of {self.cfg.model!r} (SHA-256 "
                                 f"{stored[:12]}…, now {digest[:12]}…); use another --out")
         self.store.set_meta("weights_digest", digest)
-        self.executor.start(self.h, self.cfg, digest, log=self.log)
         try:
+            self.executor.start(self.h, self.cfg, digest, log=self.log)
             for experiment in registry.plan(self.cfg.experiments):
                 experiment.run(self)
                 self.join()
