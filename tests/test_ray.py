@@ -112,7 +112,7 @@ def test_driver_killed_then_rerun_resumes_to_the_same_result(synthetic_run, tmp_
     done = subprocess.run(args, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600,
                           start_new_session=True)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "ray: 2 workers" in done.stderr
+    assert "ray: units computed by 2 Ray workers" in done.stderr
     assert _units(out / DATABASE) == total
     _assert_same_results(synthetic_run / "run", out)
 
@@ -130,6 +130,8 @@ def test_logical_gpus_one_per_worker_and_the_same_results(synthetic_run, ray_clu
     assert sorted(g for w in pool.started for g in w["gpus"]) == ["0", "1"]
     assert [w["device"] for w in pool.started] == ["cpu", "cpu"]
     assert pool.stats() == {"started": 2, "replaced": 0, "retried": 0}
+    with RunStore(tmp_path / "r") as st:
+        assert st.meta("device") == "cpu" and st.meta("executor").startswith("2 Ray workers")
     _assert_same_results(synthetic_run / "run", tmp_path / "r")
 
 
@@ -161,6 +163,31 @@ def test_worker_killed_mid_unit_is_replaced_and_the_run_equals_the_uninterrupted
     assert stats["retried"] >= 1  # the killed worker had units queued (up to 2 per worker): they were redone
     assert killed[0] in [w["pid"] for w in pool.started[:2]] and pool.started[2]["pid"] != killed[0]
     _assert_same_results(synthetic_run / "run", out)
+
+
+def _die(handle, code: int):
+    """A unit whose worker process dies every time it computes it."""
+    os._exit(code)
+
+
+def test_a_unit_whose_worker_always_dies_stops_the_run_naming_it(synthetic_run, ray_cluster):
+    from kneurons.experiments.units import task
+    from kneurons.interventions import weights_digest
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
+    h = load_model(str(synthetic_run / "model"))
+    pool = RayPool(None, workers=1, gpus_per_worker=0, retries=1)
+    pool.start(h, config(synthetic_run), weights_digest(h.model))
+    try:
+        pool.submit(task(_die, 3, label="locate born_in:7"), lambda outcome: pytest.fail("no outcome expected"))
+        with pytest.raises(KneuronsError, match=r"^unit locate born_in:7 failed 2 times: its Ray worker died each "
+                                                r"time \(last on node "):
+            pool.join()
+        assert pool.stats() == {"started": 2, "replaced": 1, "retried": 1}
+    finally:
+        pool.close()
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
 
 
 def _refused(base: Path, model_dir: Path, out: Path) -> str:

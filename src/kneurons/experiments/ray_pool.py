@@ -194,8 +194,9 @@ class RayPool:
         for s, info in zip(self.slots, infos):
             s.info = info
         where = collections.Counter(i["host"] for i in infos)
-        self.log(f"ray: {n} workers ({', '.join(f'{c} on {h}' for h, c in where.items())}; {gpus} GPU(s) and "
-                 f"{self.threads} thread(s) each; model on {infos[0]['device']})")
+        self.description = (f"{n} Ray workers ({', '.join(f'{c} on {h}' for h, c in where.items())}; "
+                            f"{gpus:g} GPU(s) and {self.threads} thread(s) each)")
+        self.log(f"ray: units computed by {self.description}, model on {self.device()}")
 
     def _new_actor(self):
         ray = self.ray
@@ -241,6 +242,10 @@ class RayPool:
             return f"tensors present in one copy only: {', '.join(missing[:3])}"
         return f"{len(diff)} of {len(names)} tensors differ, first {diff[0]}" if diff else "same tensors, other order"
 
+    def device(self) -> str:
+        """The workers' device (``cpu``, ``cuda``, ...; several if they differ)."""
+        return ", ".join(sorted({str(s.info.get("device")) for s in self.slots}))
+
     # ------------------------------------------------------------------------------------------------ units
     def submit(self, t: Task, done: Callable[[Outcome], None]) -> None:
         self.queue.append(_Pending(self.next_seq, t, done))
@@ -268,6 +273,7 @@ class RayPool:
     def _collect(self) -> None:
         """Wait for one task, then run the callbacks that are next in submission order."""
         ray = self.ray
+        self._dispatch()
         if self.inflight:
             (ref,), _ = ray.wait(list(self.inflight), num_returns=1)
             p, i = self.inflight.pop(ref)

@@ -229,6 +229,8 @@ class Runner:
         self.store.set_meta("weights_digest", digest)
         try:
             self.executor.start(self.h, self.cfg, digest, log=self.log)
+            self.store.set_meta("device", self.executor.device())  # where the units are computed
+            self.store.set_meta("executor", self.executor.description)
             for experiment in registry.plan(self.cfg.experiments):
                 experiment.run(self)
                 self.join()

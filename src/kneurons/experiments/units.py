@@ -77,6 +77,9 @@ class InProcess:
     def start(self, handle, config, digest: str, log=None) -> None:
         self.handle = handle
 
+    def device(self) -> str:
+        return str(self.handle.device)
+
     def submit(self, t: Task, done: Callable[[Outcome], None]) -> None:
         done(compute(t, self.handle))
 
