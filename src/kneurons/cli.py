@@ -399,14 +399,19 @@ def cmd_run(args) -> int:
     t = time.time()
     # before the model loads: the run's lock (one writer), a writable disk, an intact store of this configuration;
     # a failure before any result is stored removes what this command created
-    executor = _ray_pool(args)  # None: in this process (before the model loads: --ray's options, Ray installed)
-    with RunStore.open(args.out, cfg.identity()) as store:
-        # with --ray the workers hold the model on their devices; the driver's copy (for the weights digest, the
-        # tokenizer and the plan) stays on the CPU
-        handle = _load(args) if executor is None else _load(args, device="cpu")
-        Runner(cfg, args.out, handle=handle, progress=not args.quiet, log=lambda m: print(m, file=sys.stderr),
-               store=store, executor=executor).run()
-        counts, skipped = store.counts(), store.skipped_data()
+    # None: in this process; with --ray: Ray installed, the cluster reached, before anything is written
+    executor = _ray_pool(args)
+    try:
+        with RunStore.open(args.out, cfg.identity()) as store:
+            # with --ray the workers hold the model on their devices; the driver's copy (for the weights digest,
+            # the tokenizer and the plan) stays on the CPU
+            handle = _load(args) if executor is None else _load(args, device="cpu")
+            Runner(cfg, args.out, handle=handle, progress=not args.quiet, log=lambda m: print(m, file=sys.stderr),
+                   store=store, executor=executor).run()
+            counts, skipped = store.counts(), store.skipped_data()
+    finally:
+        if executor is not None:
+            executor.close()
     print(_table([{"experiment": e, "units stored": n} for e, n in sorted(counts.items())]))
     print(f"next: kneurons report {args.out}    kneurons export {args.out} --format csv")
     print(f"run complete in {time.time() - t:.0f}s: {args.out}" if not skipped else
@@ -425,8 +430,10 @@ def _ray_pool(args):
     from .experiments.ray_pool import RayPool, import_ray
 
     import_ray()  # a one-line error saying how to install it
-    return RayPool(args.ray, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+    pool = RayPool(args.ray, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
                    threads_per_worker=args.threads_per_worker or 1)
+    pool.connect()
+    return pool
 
 
 def _ray_address(text: str) -> str:

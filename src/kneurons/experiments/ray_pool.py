@@ -154,10 +154,10 @@ class RayPool:
         self.log: Callable[[str], None] = lambda msg: None
 
     # ------------------------------------------------------------------------------------------------ start
-    def start(self, handle, config, digest: str, log=None) -> None:
-        """Connect to (or start) the cluster, start the workers and check each one's weights."""
+    def connect(self) -> None:
+        """Connect to the cluster (or start the local one) and size the pool; :meth:`start` does it if not done
+        (the CLI connects before it loads the model, so that a cluster it cannot reach is refused first)."""
         ray = self.ray = import_ray()
-        self.log = log or self.log
         local = self.address is not None and self.address.startswith("local:")
         if self.address is None:
             if not ray.is_initialized():
@@ -170,7 +170,12 @@ class RayPool:
                      logging_level="warning", configure_logging=True)
             self.owns_ray = True
         else:
-            ray.init(address=self.address, include_dashboard=False, log_to_driver=False, logging_level="warning")
+            try:
+                ray.init(address=self.address, include_dashboard=False, log_to_driver=False,
+                         logging_level="warning")
+            except ConnectionError as exc:
+                raise KneuronsError(f"no Ray cluster at --ray {self.address} ({_first_line(exc)}); start one with "
+                                    f"`ray start --head`, or use --ray local:N") from None
             self.owns_ray = True
         res = ray.cluster_resources()
         gpus = self.gpus if self.gpus is not None else (1 if res.get("GPU", 0) >= 1 else 0)
@@ -178,11 +183,23 @@ class RayPool:
         n = self.workers or (int(self.address.split(":")[1]) if local else
                              int(res.get("GPU", 0) // gpus) if gpus else int(res.get("CPU", 0) // self.threads))
         if n < 1:
+            self.close()
             raise KneuronsError(f"the Ray cluster has no room for one worker with {gpus} GPU(s) and "
                                 f"{self.threads} CPU(s) (its resources: {_resources(res)})")
+        if local and gpus and n * gpus > res.get("GPU", 0):  # a local cluster does not grow: refuse, not wait
+            self.close()
+            raise KneuronsError(f"{n} workers with {gpus:g} GPU(s) each need {n * gpus:g} GPUs; this machine has "
+                                f"{res.get('GPU', 0):g} (use --gpus-per-worker 0 for CPU workers)")
         self.workers = n
         if self.max_in_flight is None:
             self.max_in_flight = 2 * self.depth * n
+
+    def start(self, handle, config, digest: str, log=None) -> None:
+        """Start the workers (connecting first if needed) and check each one's weights against ``digest``."""
+        self.log = log or self.log
+        if self.ray is None:
+            self.connect()
+        gpus, n = self.gpus, self.workers
         device = config.device
         if gpus and (device is None or str(device).startswith("cuda")):
             device = "cuda"  # the GPU Ray assigned (CUDA_VISIBLE_DEVICES)
