@@ -4,7 +4,24 @@ import torch
 from kneurons.prompts import encode
 from kneurons.hooks import ffn_hooks
 
-def naive_ig(handle, prompt, target, steps=20, score="prob"):
+def _naive_score(handle, prompt, enc, logits, pos, tgt, score, foils):
+    """The score from one run's logits, as its definition reads: P or log P of the target (joint over its
+    tokens); the contrastive score as log p(t_1) - log mean_f p(f_1) at the first scored position, over the
+    distinct foil first tokens other than the target's (kneurons.attribution.methods)."""
+    if score == "contrastive":
+        lsm = torch.log_softmax(logits[0, pos[0]], -1)
+        firsts = []
+        for f in foils:
+            fid = encode(handle, prompt, f).target_ids[0]
+            if fid != enc.target_ids[0] and fid not in firsts:
+                firsts.append(fid)
+        lf = lsm[torch.tensor(firsts, device=lsm.device)]
+        return lsm[tgt[0]] - torch.log(torch.exp(lf).mean())
+    lp = torch.log_softmax(logits[0, pos], -1)[torch.arange(len(tgt)), tgt].sum()
+    return lp.exp() if score == "prob" else lp
+
+
+def naive_ig(handle, prompt, target, steps=20, score="prob", foils=()):
     """Dai et al. eq. 3 written out literally: one full forward+backward per (layer, step)."""
     enc = encode(handle, prompt, target)
     model, arch = handle.model, handle.arch
@@ -25,8 +42,7 @@ def naive_ig(handle, prompt, target, steps=20, score="prob"):
                 x = x.clone(); x[0, enc.blank] = v; return x
             with ffn_hooks(arch, patch, [l]):
                 logits = model(input_ids=ids).logits
-            lp = torch.log_softmax(logits[0, pos], -1)[torch.arange(len(tgt)), tgt].sum()
-            s = lp.exp() if score == "prob" else lp
+            s = _naive_score(handle, prompt, enc, logits, pos, tgt, score, foils)
             g, = torch.autograd.grad(s, v)
             total += g
         out.append(w * total / steps)

@@ -47,15 +47,57 @@ def test_fast_equals_naive_reference(model_type, score, target):
         assert fast.params["use_cache"] is True  # the KV-cache path was the one checked
 
 
+FOILS = {"causal": ["berlin", "rome", "madrid"], "masked": ["germany", "italy", "spain"]}
+
+
+@pytest.mark.parametrize("model_type", ["bert", "gpt2", "llama"])
+@pytest.mark.parametrize("target", ["paris", "paris berlin"])
+def test_contrastive_equals_naive_reference(model_type, target):
+    """log P(t) - log mean P(foil), engine (foil sequences scored at the target's positions, the continuation
+    cancelling) = its definition written out at the blank (log p(t_1) - log mean p(f_1)), multi-token too."""
+    h = handle_for(model_type, dtype=torch.float64)
+    target = target if not h.is_masked else target.replace("paris", "france")
+    foils = FOILS[h.kind] + [target.split()[0] + " rome"]  # starts like the target: dropped
+    ref = naive_ig(h, _prompt(h), target, steps=20, score="contrastive", foils=foils)
+    fast = integrated_gradients(h, _prompt(h), target, steps=20, score="contrastive", foils=foils, batch_size=16)
+    assert ref.abs().max() > 0 and _rel_err(fast.scores, ref) <= 1e-4
+    assert fast.params["foils"] == FOILS[h.kind] and fast.params["score"] == "contrastive"
+    # the contrast is not the target's own score: neurons that raise every answer drop out
+    assert _rel_err(fast.scores, naive_ig(h, _prompt(h), target, steps=20, score="logprob")) > 1e-2
+
+
+def test_contrastive_prompts_batched_equal_alone():
+    h = handle_for("llama", dtype=torch.float64)
+    prompts = [PROMPT, "the capital of italy is ___ .", "the city of france is ___ ."]
+    kw = dict(steps=3, score="contrastive", foils=["rome", "berlin"])
+    alone = [integrated_gradients(h, p, "paris", **kw) for p in prompts]
+    batched = attribute(h, prompts, "paris", batch_prompts=True, **kw)
+    assert batched[0].params["prompts_per_group"] == 3  # the group really shared passes
+    assert all(_rel_err(b.scores, a.scores) <= 1e-10 for a, b in zip(alone, batched))
+
+
+@pytest.mark.parametrize("bad, match", [({"score": "contrastive"}, "needs foils"),
+                                        ({"score": "prob", "foils": ["rome"]}, "only by a contrastive"),
+                                        ({"score": "contrastive", "foils": "rome"}, "a list"),
+                                        ({"score": "contrastive", "foils": ["rome", " "]}, "non-empty"),
+                                        ({"score": "contrastive", "foils": ["paris"]}, "no foil starts")])
+def test_contrastive_bad_foils(bad, match):
+    h = handle_for("gpt2")
+    with pytest.raises(KneuronsError, match=match):
+        integrated_gradients(h, PROMPT, "paris", steps=2, **bad)
+
+
+@pytest.mark.parametrize("score", ["prob", "contrastive"])
 @pytest.mark.parametrize("model_type", ALL_TYPES)
-def test_every_architecture_matches_reference(model_type):
+def test_every_architecture_matches_reference(model_type, score):
     h = handle_for(model_type, dtype=torch.float64)
     target = "france" if h.is_masked else "paris"
-    ref = naive_ig(h, _prompt(h), target, steps=4)
+    foils = FOILS[h.kind] if score == "contrastive" else None
+    ref = naive_ig(h, _prompt(h), target, steps=4, score=score, foils=foils or ())
     # 5 rows = one layer per pass (lower blocks replayed); 1000 = every layer in one pass, so block 0 runs
     # for the rows patched at layer 0 only and is replayed for the others (KV cache cut to match)
     for bs in (5, 1000):
-        fast = integrated_gradients(h, _prompt(h), target, steps=4, batch_size=bs)
+        fast = integrated_gradients(h, _prompt(h), target, steps=4, batch_size=bs, score=score, foils=foils)
         assert _rel_err(fast.scores, ref) <= 1e-4, bs
 
 

@@ -111,6 +111,28 @@ def test_update_in_head_space_saves_the_edited_model(capsys, model_dir, tmp_path
     assert code == 2 and "invalid choice: 'sideways'" in capsys.readouterr().err
 
 
+def test_contrastive_locate_and_optimize_update(capsys, model_dir, tmp_path):
+    """--score contrastive with --foils records the foils; --update-method optimize edits the same slots and
+    reports its search; suppress with --relation-control prints the relation specificity."""
+    kn_file = tmp_path / "kn.json"
+    prompts = ["the capital of france is ___ .", "france has its capital in ___", "the capital city of france is ___"]
+    code, out, err = run(capsys, "locate", "--model", model_dir, "--target", "paris", "--steps", "3", "--score",
+                         "contrastive", "--foils", "berlin", "rome", "--save", str(kn_file), *prompts)
+    assert code == 0, err
+    data = json.loads(kn_file.read_text())
+    assert data["params"]["score"] == "contrastive" and data["params"]["foils"] == ["berlin", "rome"]
+    data["neurons"] = sorted({tuple(n) for prompt_set in data["coarse"] for n in prompt_set})[:4]
+    kn_file.write_text(json.dumps(data))
+    code, out, err = run(capsys, "update", "--model", model_dir, "--neurons", str(kn_file), "--new", "berlin",
+                         "--update-method", "optimize", "--opt-steps", "5", "--locality", "the capital of italy is ___")
+    assert code == 0, err
+    assert "optimized in" in out and "update paris -> berlin" in out
+    code, out, err = run(capsys, "suppress", "--model", model_dir, "--neurons", str(kn_file), "--relation-control",
+                         "the capital of italy is ___", "rome", "--control", "spain is a ___", "country")
+    assert code == 0, err
+    assert "relation specificity" in out and "same_relation" in out and "other_relation" in out
+
+
 def test_python_dash_m_is_the_command():
     import subprocess
     import sys

@@ -3,6 +3,8 @@ synthetic fact world (the ``synthetic_run`` fixture), a SIGKILL-and-resume test,
 
 from __future__ import annotations
 
+from collections import Counter
+
 import json
 import os
 import signal
@@ -169,8 +171,17 @@ def _check_patterns(st):
     sup = st.table("suppress")
     per_fact = sup.groupby(["op", "method", "group", "unit"]).rel_change.mean()
     kn_sup = per_fact["suppress", "kn", "fact"]
-    assert {(op, m) for op, m, _, _ in per_fact.index} == {(op, m) for op in ("suppress", "amplify")
-                                                           for m in ("kn", "random", "activation")}
+    assert {(op, m) for op, m, _, _ in per_fact.index} - {(op, "fact_specific") for op in ("suppress", "amplify")} \
+        == {(op, m) for op in ("suppress", "amplify") for m in ("kn", "random", "activation")}
+    # fact-specific sets = the fact's kn minus the neurons of more than relation_q (0.3) of its relation's facts
+    kn_sets = {u: {tuple(n) for n in ns} for u, ns in zip(loc[loc.method == "kn"].unit, loc[loc.method == "kn"].neurons)}
+    for rel, units in chosen.items():
+        counts = Counter(n for u in units for n in kn_sets[u])
+        relation = {n for n, c in counts.items() if c > 0.3 * len(units)}
+        for u in units:
+            want = len(kn_sets[u] - relation)
+            got = sup[(sup.unit == u) & (sup.method == "fact_specific")].n_neurons
+            assert (got == want).all() and (len(got) > 0) == (want > 0), (u, want, list(got))
     vs_random = (per_fact["suppress", "random", "fact"] - kn_sup).dropna()
     vs_other = (per_fact["suppress", "kn", "other_relation"] - kn_sup).dropna()
     assert len(vs_random) >= 15 and len(vs_other) >= 15

@@ -21,6 +21,7 @@ WORLD = dict(n_subjects=40, n_objects=8)  # per seed: 40 subjects x 5 relations,
 N_LOCATED = 6  # subjects per relation whose knowledge neurons are located (the next 4 give controls)
 KNOWN = 0.75  # a fact is known when it is the top-1 answer on at least 3 of its 4 prompts
 N_HEAD_UPDATES = 16  # facts per masked trial updated in the head space (~1 s per edit)
+N_OPTIMIZED = 16  # facts per trial edited by the KN-constrained optimize update (and its random control)
 ERASE_TOP_K = 20
 
 
@@ -35,6 +36,7 @@ class Trial:
     located: int  # the known ones among them, with their knowledge neurons
     facts: list = field(default_factory=list)  # per known fact with neurons: Δp/p under the interventions
     updates: list = field(default_factory=list)  # per fact: success@1 of the update (kn / random / paper's rule)
+    optimized: list = field(default_factory=list)  # per fact: optimize-edit through kn / random neurons
     erasures: list = field(default_factory=list)  # per erased relation: perplexity / accuracy changes
     reverted: bool = True  # every edit reverted bit-exactly
 
@@ -59,6 +61,7 @@ def run_trial(kind: str, seed: int) -> Trial:
     from kneurons.interventions import (accuracy, erase_relation, measure_intervention, perplexity,
                                         shared_neurons, success, update_fact, weights_digest)
     from kneurons.neurons import locate, random_neurons
+    from kneurons.prompts import assess
     from kneurons.synthetic import TRAINING, make_world, train
 
     torch.set_num_threads(1)
@@ -103,6 +106,24 @@ def run_trial(kind: str, seed: int) -> Trial:
             with update_fact(h, neurons, obj, new, prompt=ps[0], space=sp):
                 row[name] = success(h, ps, new, 1)
         trial.updates.append(row)
+
+    for i, ((r, s), kn) in enumerate(known[:N_OPTIMIZED]):  # KN-constrained optimization; random: same budget
+        ps, obj, new = prompts(h, w.prompts(r, s)), w.facts[r][s], w.other_object(r, s)
+        # neighbours: other subjects of the relation (not the preserved ones), and the subject's other relations
+        subjects = [(prompts(h, w.prompts(r, s2))[0], w.facts[r][s2]) for s2 in w.subjects[N_LOCATED: N_LOCATED + 4]]
+        relations = [(prompts(h, w.prompts(r2, s))[0], w.facts[r2][s]) for r2 in w.relations if r2 != r]
+        preserve = [prompts(h, w.prompts(r, s2))[0] for s2 in w.subjects[N_LOCATED + 4: N_LOCATED + 8]]
+        top0 = {k: [a.top[0].token_id for a in assess(h, [p for p, _ in g], [t for _, t in g])]
+                for k, g in (("subjects", subjects), ("relations", relations))}
+        row = {}
+        for name, neurons in (("kn", kn), ("random", random_neurons(h, kn, seed=i))):
+            with update_fact(h, neurons, obj, new, method="optimize", prompts=ps, locality=preserve) as edit:
+                row[name] = success(h, ps, new, 1)
+                for k, g in (("subjects", subjects), ("relations", relations)):
+                    now = [a.top[0].token_id for a in assess(h, [p for p, _ in g], [t for _, t in g])]
+                    row[f"{name}_kept_{k}"] = statistics.mean(b == a for b, a in zip(top0[k], now))
+                row[name + "_steps"] = edit.info["steps_taken"]
+        trial.optimized.append(row)
 
     base = {r: _relation_items(w, h, r) for r in w.relations}
     ppl0 = {r: perplexity(h, *base[r]) for r in w.relations}

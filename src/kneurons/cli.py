@@ -108,7 +108,8 @@ def cmd_locate(args) -> int:
     with _progress_bar(total, args.method.replace("_", " ")) as bar:
         kn = locate(handle, args.prompts, args.target, steps=args.steps, threshold=args.threshold, p=args.p,
                     min_prompts=args.min_prompts, adaptive=args.adaptive, batch_size=args.batch_size,
-                    score=args.score, progress=bar.update, batch_prompts=args.batch_prompts, method=args.method)
+                    score=args.score, progress=bar.update, batch_prompts=args.batch_prompts, method=args.method,
+                    foils=args.foils)
     elapsed = time.time() - t
     _print_located(kn, elapsed)
     if args.save:
@@ -155,7 +156,7 @@ def _neurons_for(args, handle, kn=None):
     per_prompt = rows_per_prompt(handle, args.steps, method=args.method)
     with _progress_bar(per_prompt * len(args.prompts), "locating") as bar:
         kn = locate(handle, args.prompts, args.target, steps=args.steps, adaptive=True, progress=bar.update,
-                    batch_size=args.batch_size, score=args.score, method=args.method)
+                    batch_size=args.batch_size, score=args.score, method=args.method, foils=args.foils)
     print(f"located {len(kn)} knowledge neurons: {kn.neurons}")
     if not kn.neurons:
         raise KneuronsError("no knowledge neurons found for this fact (try more or better paraphrases)")
@@ -163,7 +164,8 @@ def _neurons_for(args, handle, kn=None):
 
 
 def _controls(args) -> list[tuple[str, str, str]]:
-    return [("control", p, t) for p, t in (args.control or [])]
+    return ([("same_relation", p, t) for p, t in (getattr(args, "relation_control", None) or [])]
+            + [("other_relation", p, t) for p, t in (args.control or [])])
 
 
 def cmd_intervene(args) -> int:
@@ -181,15 +183,21 @@ def cmd_intervene(args) -> int:
     df = res.to_dataframe()
     print(_table(df[["group", "prompt", "target", "before", "after", "rel_change"]].to_dict("records")))
     s = res.summary()
-    print(f"\n{args.command} x{factor:g} of {len(res.neurons)} neurons: fact {s['fact']:+.1%}"
-          + (f", controls {df[df.group != 'fact'].rel_change.mean():+.1%}, specificity {s['specificity']:.1f}"
-             if (df.group != "fact").any() else ""))
+    line = f"\n{args.command} x{factor:g} of {len(res.neurons)} neurons: fact {s['fact']:+.1%}"
+    if (df.group == "same_relation").any():
+        line += (f", same relation {s['same_relation']:+.1%} (relation specificity {s['relation_specificity']:.1f}: "
+                 "fact / same relation)")
+    if (df.group == "other_relation").any():
+        line += f", other controls {s['other_relation']:+.1%}"
+    if (df.group != "fact").any():
+        line += f", specificity {s['specificity']:.1f} (fact / all controls)"
+    print(line)
     return 0
 
 
 def cmd_update(args) -> int:
     from .experiments import measure_update
-    from .interventions import save_edited, update_fact, weights_digest
+    from .interventions import OptimizeSettings, save_edited, update_fact, weights_digest
 
     _check_model_dir(args.save_model)
     kn = _read_neurons(args)
@@ -202,8 +210,15 @@ def cmd_update(args) -> int:
     controls = [(p, t) for p, t in (args.control or [])]
     digest = weights_digest(handle.model)
     before = measure_update(handle, prompts, old, args.new, intra=controls, details=True)
-    with update_fact(handle, kn, old, args.new, prompt=prompts[0], lambda1=args.lambda1, lambda2=args.lambda2,
-                     space=args.space):
+    if args.update_method == "optimize":
+        edit = update_fact(handle, kn, old, args.new, method="optimize", prompts=prompts, locality=args.locality or [],
+                           settings=OptimizeSettings(**{f: v for f, v in (("steps", args.opt_steps), ("lr", args.opt_lr),
+                                                                          ("bound", args.opt_bound), ("kl", args.kl))
+                                                        if v is not None}))
+    else:
+        edit = update_fact(handle, kn, old, args.new, prompt=prompts[0], lambda1=args.lambda1, lambda2=args.lambda2,
+                           space=args.space)
+    with edit:
         after = measure_update(handle, prompts, old, args.new, intra=controls, details=True)
         if args.save_model:
             save_edited(handle, args.save_model)
@@ -213,6 +228,10 @@ def cmd_update(args) -> int:
              "after ": na.prob, f"rank of {args.new}": f"{nb.rank} -> {na.rank}"}
             for p, b, a, nb, na in zip(prompts, before["old"], after["old"], before["new"], after["new"])]
     print(_table(rows))
+    if args.update_method == "optimize":
+        print(f"\noptimized in {edit.info['steps_taken']} steps ("
+              f"{'the new answer leads on every prompt' if edit.info['success'] else 'budget spent before success'}"
+              f"), largest slot change {edit.info['max_relative_change']:.2f} x its norm")
     print(f"\nupdate {old} -> {args.new} in {len(kn)} value slots: success@1 {after['success1']:.0%}, success@5 "
           f"{after['success5']:.0%}" + (f"; control perplexity {before['ppl_intra']:.2f} -> {after['ppl_intra']:.2f}"
                                          if controls else ""))
@@ -252,7 +271,9 @@ def cmd_erase(args) -> int:
             for it in chosen:
                 sets.append(locate(handle, list(it.prompts), it.object, steps=args.steps, adaptive=True,
                                    keep_attributions=False, progress=bar.update, batch_size=args.batch_size,
-                                   score=args.score, method=args.method))
+                                   score=args.score, method=args.method,
+                                   foils=[o for o in dict.fromkeys(x.object for x in chosen) if o != it.object]
+                                   if args.score == "contrastive" and not args.foils else args.foils))
     shared = shared_neurons(sets, args.min_facts, args.top_k)
     if not shared:
         raise KneuronsError(f"no neuron is shared by {args.min_facts} or more of the {len(sets)} facts' neuron sets "
@@ -329,6 +350,14 @@ def cmd_demo(args) -> int:
     if not kn.neurons:
         print("no knowledge neurons at these settings; stopping")
         return 0
+    foils = [o for o in dict.fromkeys(f.object for f in facts.relation(fact.relation).facts) if o != obj]
+    t = time.time()
+    with _progress_bar(rows_per_prompt(handle, args.steps) * len(prompts), "contrastive") as bar:
+        ckn = locate(handle, prompts, obj, steps=args.steps, adaptive=True, batch_size=args.batch_size,
+                     score="contrastive", foils=foils, progress=bar.update)
+    print(f"\nfact-specific candidates: the contrastive score log P({obj}) - log mean P(foil) over the relation's "
+          f"{len(foils)} other answers ({time.time() - t:.1f}s) finds {len(ckn)} neurons: {ckn.neurons} "
+          f"({len(set(ckn.neurons) & set(kn.neurons))} shared with the paper's {len(kn)})")
 
     same = [it for it in known if it.relation == fact.relation and it.subject != fact.subject][:5]
     other = [next(it for it in known if it.relation == rid)
@@ -339,17 +368,22 @@ def cmd_demo(args) -> int:
     rnd = random_neurons(handle, kn, seed=0)
     summary = []
     before = assess(handle, prompts + [p for _, p, _ in controls], [obj] * len(prompts) + [t for _, _, t in controls])
-    for label, neurons, factor in (("suppress (x0)", kn, 0.0), ("amplify (x2)", kn, 2.0),
-                                   ("suppress random neurons", rnd, 0.0), ("amplify random neurons", rnd, 2.0)):
+    sets = [("suppress (x0)", kn, 0.0), ("amplify (x2)", kn, 2.0), ("suppress random neurons", rnd, 0.0),
+            ("amplify random neurons", rnd, 2.0)]
+    if ckn.neurons:
+        sets += [("suppress contrastive neurons", ckn, 0.0), ("amplify contrastive neurons", ckn, 2.0)]
+    for label, neurons, factor in sets:
         res = measure_intervention(handle, neurons, prompts, obj, factor, controls, before=before)
         if label == "suppress (x0)":
             print(_table(res.to_dataframe()[["group", "prompt", "target", "before", "after", "rel_change"]]
                          .to_dict("records")))
         s_ = res.summary()
         summary.append({"intervention": label, "fact dp/p": f"{s_['fact']:+.1%}",
-                        "same relation": f"{s_['same_relation']:+.1%}", "other relations": f"{s_['other_relation']:+.1%}"})
+                        "same relation": f"{s_['same_relation']:+.1%}", "other relations": f"{s_['other_relation']:+.1%}",
+                        "fact / same relation": f"{s_['relation_specificity']:.2f}"})
     print()
     print(_table(summary))
+    print("fact / same relation: about 1 for neurons of the relation, large for neurons of this one fact")
 
     new = next((it.object for it in same if it.object != obj), None)
     if new is None:
@@ -370,11 +404,24 @@ def cmd_demo(args) -> int:
     tops = {}
     for lam2 in (8.0, 2.0, 1.0):  # the authors' lambda2 = 8 first, then milder edits
         with update_fact(handle, kn, obj, new, prompt=prompts[0], lambda1=1.0, lambda2=lam2):
-            values, tops[lam2] = state()
+            values, tops[f"rule, l2={lam2:g}"] = state()
             rows.append({"": f"after (l1=1, l2={lam2:g})", **values})
+    # KN-constrained optimization: the same value slots, trained on the first two prompts (the others measure
+    # generalization), keeping two same-relation facts' answers (the neighbours below are other facts)
+    keep, neighbours = same[:2], same[2:] + other[:3]
+    with update_fact(handle, kn, obj, new, method="optimize", prompts=prompts[:2],
+                     locality=[it.prompts[0] for it in keep]) as edit:
+        values, tops["optimize"] = state()
+        rows.append({"": f"after (optimize, {edit.info['steps_taken']} steps)", **values})
+        after_n = assess(handle, [it.prompts[0] for it in neighbours], [it.object for it in neighbours])
+    before_n = assess(handle, [it.prompts[0] for it in neighbours], [it.object for it in neighbours])
     print(_table(rows, floatfmt="{:.4g}"))
-    for lam2, t in tops.items():
-        print(f"top-1 answers after the update with l2={lam2:g}: {', '.join(t)}")
+    for name, t in tops.items():
+        print(f"top-1 answers after the update ({name}): {', '.join(t)}")
+    print(f"\nneighbours (other facts; not trained on) under the optimize edit:")
+    print(_table([{"prompt": b.prompt, "answer": b.target, "P before": b.prob, "P after": a.prob,
+                   "top-1 before": b.top[0].token.strip(), "top-1 after": a.top[0].token.strip()}
+                  for b, a in zip(before_n, after_n)], floatfmt="{:.3g}"))
     same_weights = weights_digest(handle.model) == digest
     print(f"reverted: every weight bit-identical to before: {'yes' if same_weights else 'NO'}")
     if not same_weights:
@@ -512,7 +559,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from .attribution.methods import MAX_STEPS, METHODS, SCORES
-    from .interventions import SPACES
+    from .interventions import SPACES, UPDATE_METHODS, OptimizeSettings
 
     ap = _Parser(prog="kneurons", description="Knowledge neurons in Hugging Face transformers.")
     ap.add_argument("--version", action="version", version=f"kneurons {__version__}")
@@ -545,7 +592,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--batch-size", type=_int_in(1), default=None,
                        help="rows per forward/backward pass (memory budget; default: about 2048 row-positions on CPU, "
                             "within half the available memory)")
-        p.add_argument("--score", choices=list(SCORES), default="prob")
+        p.add_argument("--score", choices=list(SCORES), default="prob",
+                       help="what is attributed: " + "; ".join(f"{s.name}: {s.description}" for s in SCORES.values()))
+        p.add_argument("--foils", nargs="+", default=None, metavar="ANSWER",
+                       help="--score contrastive: other answers of the relation to contrast the target with")
         p.add_argument("--method", choices=list(METHODS), default="integrated_gradients",
                        help="how neurons are found: "
                             + "; ".join(f"{m.name}: {m.description}" for m in METHODS.values()))
@@ -581,6 +631,10 @@ def build_parser() -> argparse.ArgumentParser:
         fact_args(p)
         p.add_argument("--factor", type=_number(), default=2.0)
         p.add_argument("--position", choices=["blank", "all"], default="blank")
+        p.add_argument("--relation-control", nargs=2, action="append", metavar=("PROMPT", "TARGET"),
+                       help="a prompt of another fact of the SAME relation and its answer (repeatable): gives the "
+                            "relation specificity (fact / same relation), which tells fact neurons from relation "
+                            "neurons")
         p.set_defaults(fn=cmd_intervene)
 
     p = sub.add_parser("update", help="rewrite a fact's answer in its neurons' value slots (then revert)")
@@ -594,6 +648,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the targets' vectors: the paper's unembedding rows (default), the residual directions the "
                         "output head maps to them (head; for heads that transform the residual, e.g. BERT's MLM "
                         "head), or the logit gradient at the first prompt (gradient)")
+    p.add_argument("--update-method", choices=UPDATE_METHODS, default="rule",
+                   help="rule: the authors' rule (lambda1, lambda2, --space); optimize: gradient steps on the value "
+                        "slots of the neurons only, until the new answer is top-1 on the prompts (--locality prompts "
+                        "kept by a KL term; --opt-steps, --opt-lr, --opt-bound, --kl)")
+    p.add_argument("--locality", action="append", default=None, metavar="PROMPT",
+                   help="optimize: a cloze whose next-token distribution the edit must keep (repeatable)")
+    p.add_argument("--opt-steps", type=_int_in(1, 10_000), default=None,
+                   help=f"optimize: at most this many steps (default {OptimizeSettings.steps})")
+    p.add_argument("--opt-lr", type=_number(lo=0, lo_open=True), default=None,
+                   help=f"optimize: step size in units of each slot's norm (default {OptimizeSettings.lr})")
+    p.add_argument("--opt-bound", type=_number(lo=0, lo_open=True), default=None,
+                   help=f"optimize: no slot moves by more than this x its norm (default {OptimizeSettings.bound})")
+    p.add_argument("--kl", type=_number(lo=0), default=None,
+                   help=f"optimize: weight of the KL term on --locality prompts (default {OptimizeSettings.kl})")
     p.add_argument("--save-model", default=None, help="save the edited model to this (new or empty) directory")
     p.set_defaults(fn=cmd_update)
 
@@ -671,6 +739,14 @@ def _precheck(args) -> None:
         v = getattr(args, name, None)
         if v is not None and not v.strip():
             raise KneuronsError(f"empty {'target' if name == 'target' else 'new answer'} (--{name})")
+    if hasattr(args, "foils") and (args.command != "erase" or args.foils):
+        from .attribution.methods import get_score  # a contrastive score needs foils (erase: the relation's
+        from .attribution.plan import check_foils   # other answers by default); foils need a contrastive score
+
+        check_foils(get_score(args.score), args.foils)
+    if hasattr(args, "locality") and args.update_method != "optimize" and (
+            args.locality or any(getattr(args, o) is not None for o in ("opt_steps", "opt_lr", "opt_bound", "kl"))):
+        raise KneuronsError("--locality, --opt-steps, --opt-lr, --opt-bound and --kl belong to --update-method optimize")
     factor = getattr(args, "factor", None)
     if args.command == "amplify" and factor is not None and abs(factor) > 100:
         warnings.warn(f"--factor {factor:g} multiplies the neurons' activations by more than 100: expect values "

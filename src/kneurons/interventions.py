@@ -40,6 +40,7 @@ such as ``<|endoftext|>``, see :func:`unknown_token` — get zero, with a warnin
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import math
 import numbers
@@ -178,10 +179,20 @@ class InterventionResult:
         c = abs(sum(ctrl) / len(ctrl))
         return abs(self.mean_change("fact")) / max(c, 1e-12)
 
+    @property
+    def relation_specificity(self) -> float:
+        """|mean Δp/p on the fact| / |mean Δp/p on other facts of the same relation|: the ratio that separates
+        neurons of one fact (large) from neurons of its relation (about 1)."""
+        same = self.mean_change("same_relation")
+        if math.isnan(same):
+            return float("nan")
+        return abs(self.mean_change("fact")) / max(abs(same), 1e-12)
+
     def summary(self) -> dict:
         return {"factor": self.factor, "neurons": len(self.neurons), "fact": self.mean_change("fact"),
                 "same_relation": self.mean_change("same_relation"),
-                "other_relation": self.mean_change("other_relation"), "specificity": self.specificity}
+                "other_relation": self.mean_change("other_relation"), "specificity": self.specificity,
+                "relation_specificity": self.relation_specificity}
 
 
 def measure_intervention(handle, neurons, prompts: Sequence[str], target: str, factor: float = 0.0,
@@ -491,15 +502,182 @@ def target_vectors(handle, targets: Sequence[str], prompt: str | None = None,
     return [U[torch.tensor(one, device=U.device)].detach().double().mean(0) for one in ids]
 
 
+UPDATE_METHODS = ("rule", "optimize")
+
+
+@dataclass(frozen=True)
+class OptimizeSettings:
+    """The budget of ``update_fact(method="optimize")`` (module docstring). ``steps``: at most this many Adam
+    steps; ``lr``: Adam's step in units of each slot's norm; ``bound``: no slot moves by more than ``bound x``
+    its norm (projected after every step); ``kl``: weight of the preservation term (mean KL divergence from
+    the unedited next-token distribution at the blank of the locality prompts); ``margin``: success once the new
+    target's every token is the top-1 with at least this log-probability lead over the runner-up on every edit
+    prompt (the search stops there)."""
+
+    steps: int = 40
+    lr: float = 0.3
+    bound: float = 8.0
+    kl: float = 1.0
+    margin: float = 1.0
+
+    def check(self) -> "OptimizeSettings":
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or not 1 <= self.steps <= 10_000:
+            raise KneuronsError(f"optimize steps must be an integer from 1 to 10000, got {self.steps!r}")
+        for name in ("lr", "bound", "kl", "margin"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or \
+                    (v == 0 and name in ("lr", "bound")):
+                raise KneuronsError(f"optimize {name} must be a finite number {'>' if name in ('lr', 'bound') else '>='}"
+                                    f" 0, got {v!r}")
+        return self
+
+
+def _encoded_batch(handle, clozes: Sequence[str], targets: Sequence[str]):
+    """Encodings of ``clozes`` with ``targets`` (teacher-forced for causal models), right-padded into one batch."""
+    from .prompts import pad_batch, pad_id
+
+    encs = [encode(handle, c, t) for c, t in zip(clozes, targets)]
+    ids, mask = pad_batch(encs, pad_id(handle.tokenizer), handle.device)
+    return encs, ids, mask
+
+
+def _optimized_deltas(handle, nrns: list[Neuron], new_target: str, prompts: Sequence[str],
+                      locality: Sequence[str], cfg: OptimizeSettings) -> tuple[dict, dict]:
+    """``({neuron: Δslot}, info)``: the slot changes found by the search. The model's weights are not touched
+    here: a forward hook on each edited layer's FFN output projection adds ``x[..., idx] @ Δ`` — exactly what
+    the changed value slots add — so an exception leaves the model as it was."""
+    arch = handle.arch
+    by_layer: dict[int, list[int]] = {}
+    for l, i in nrns:
+        by_layer.setdefault(l, []).append(i)
+    dtype = torch.float64 if arch.value_slots(0).dtype == torch.float64 else torch.float32
+    dev = handle.device
+    idx = {l: torch.tensor(ix, device=dev) for l, ix in by_layer.items()}
+    norms = {l: arch.value_slots(l)[idx[l]].detach().to(dtype).norm(dim=-1).clamp_min(1e-12) for l in by_layer}
+    with _gradients_on():
+        z = {l: torch.zeros(len(ix), arch.d_model, dtype=dtype, device=dev, requires_grad=True)
+             for l, ix in by_layer.items()}
+
+    def adder(layer):
+        def hook(mod, args, out):
+            x = args[0]
+            delta = (norms[layer][:, None] * z[layer]).to(out.dtype)
+            return out + x[..., idx[layer]].to(out.dtype) @ delta
+        return hook
+
+    # one batch: the edit prompts (teacher-forced new target), then the locality prompts (read at their blank only)
+    use_kl = bool(locality) and cfg.kl > 0
+    kept = list(locality) if use_kl else []
+    encs, ids, mask = _encoded_batch(handle, list(prompts) + kept, [new_target] * (len(prompts) + len(kept)))
+    rows = [(r, p, t) for r, e in enumerate(encs[: len(prompts)]) for p, t in zip(e.score_positions, e.target_ids)]
+    rr, pp, tt = (torch.tensor(v, device=dev) for v in zip(*rows))
+    lrows = torch.arange(len(prompts), len(encs), device=dev)
+    lpos = torch.tensor([e.score_positions[0] for e in encs[len(prompts):]], device=dev, dtype=torch.long)
+    if use_kl:
+        with torch.no_grad():
+            ref = torch.log_softmax(handle.model(input_ids=ids[lrows], attention_mask=mask[lrows]).logits[
+                torch.arange(len(kept), device=dev), lpos].to(dtype), -1)
+    hooks = [arch.ffn_out[l].register_forward_hook(adder(l)) for l in by_layer]
+    info = {"steps_taken": 0, "success": False}
+    try:
+        with _gradients_on(), frozen_weights(handle.model):
+            # Adam moves every coordinate by about lr: lr / sqrt(width) moves a slot by about lr x its norm
+            opt = torch.optim.Adam(list(z.values()), lr=cfg.lr / math.sqrt(arch.d_model))
+            for step in range(cfg.steps + 1):
+                logits = handle.model(input_ids=ids, attention_mask=mask).logits
+                lp = torch.log_softmax(logits[rr, pp].to(dtype), -1)
+                tok = lp[torch.arange(len(rows), device=dev), tt]
+                others = lp.detach().clone()
+                others[torch.arange(len(rows), device=dev), tt] = -math.inf
+                lead = tok.detach() - others.max(-1).values
+                info["steps_taken"], info["min_lead"] = step, float(lead.min())
+                per_prompt = torch.zeros(len(prompts), dtype=dtype, device=dev).index_add(0, rr, tok.detach())
+                info["logprob_new"] = [float(v) for v in per_prompt]  # log P(new) per edit prompt, as edited
+                if bool((lead >= cfg.margin).all()):
+                    info["success"] = True
+                    break
+                if step == cfg.steps:
+                    break
+                loss = -tok.sum() / len(prompts)
+                if use_kl:
+                    cur = torch.log_softmax(logits[lrows, lpos].to(dtype), -1)
+                    kl = (ref.exp() * (ref - cur)).sum(-1).mean()
+                    info["kl"] = float(kl.detach())
+                    loss = loss + cfg.kl * kl
+                opt.zero_grad()
+                loss.backward(inputs=list(z.values()))
+                opt.step()
+                with torch.no_grad():
+                    for v in z.values():  # ||Δ|| <= bound * ||slot||: rows of z have norm <= bound
+                        v.mul_((cfg.bound / v.norm(dim=-1, keepdim=True).clamp_min(1e-30)).clamp(max=1.0))
+    finally:
+        for h_ in hooks:
+            h_.remove()
+    deltas = {}
+    for l, ix in by_layer.items():
+        d = (norms[l][:, None] * z[l]).detach()
+        for k, i in enumerate(ix):
+            deltas[(l, i)] = d[k]
+    info["max_relative_change"] = max(float(v.detach().norm(dim=-1).max()) for v in z.values())
+    return deltas, info
+
+
+@contextlib.contextmanager
+def frozen_weights(model):
+    """Parameters without gradients for the block (restored after): only the search's own tensors get them."""
+    flags = [(p_, p_.requires_grad) for p_ in model.parameters()]
+    was_training = model.training
+    try:
+        for p_, _ in flags:
+            p_.requires_grad_(False)
+        model.eval()
+        yield
+    finally:
+        for p_, f in flags:
+            p_.requires_grad_(f)
+        model.train(was_training)
+
+
 def update_fact(handle, neurons, old_target: str, new_target: str, prompt: str | None = None,
-                lambda1: float = 1.0, lambda2: float = 8.0, space: str = "embedding", vectors=None) -> Edit:
+                lambda1: float = 1.0, lambda2: float = 8.0, space: str = "embedding", vectors=None, *,
+                method: str = "rule", prompts: Sequence[str] | None = None, locality: Sequence[str] = (),
+                settings: OptimizeSettings | None = None) -> Edit:
     """Rewrite ⟨h, r, old⟩ → ⟨h, r, new⟩ in the value slots of ``neurons`` (see module docstring).
 
+    ``method="rule"`` (the authors'): ``v ← v − λ1·e_old + λ2·e_new`` (scaled), the vectors in ``space``.
     ``vectors``: the targets' vectors ``(e_old, e_new)`` from :func:`target_vectors` (same ``space``), to reuse
-    one computation for several neuron sets of the same fact; computed here when not given."""
+    one computation for several neuron sets of the same fact; computed here when not given.
+
+    ``method="optimize"``: only these value slots change, by gradient steps on ``-log P(new)`` (teacher-forced
+    joint probability of every token) over the edit ``prompts`` (default: ``prompt``, or the neurons' prompts),
+    plus ``settings.kl`` × the mean KL divergence from the unedited next-token distribution at the blank of the
+    ``locality`` prompts (clozes whose answer must not move), each slot's change bounded (``settings``,
+    :class:`OptimizeSettings`); it stops early once ``new`` is the top-1 answer of every edit prompt by the
+    margin. ``Edit.info`` has the steps taken and whether it succeeded. Either way the edit is an :class:`Edit`
+    (bit-exact ``revert()``); a failure leaves the model unedited."""
+    if method not in UPDATE_METHODS:
+        raise KneuronsError(f"update method must be one of {', '.join(UPDATE_METHODS)}, got {method!r}")
     nrns = _neurons(handle, neurons)
+    if not isinstance(old_target, str) or not isinstance(new_target, str) or not new_target.strip():
+        raise KneuronsError("the old and new targets must be non-empty strings")
     if old_target.strip() == new_target.strip():
         raise KneuronsError(f"the new target equals the old one ({old_target!r})")
+    if method == "optimize":
+        cfg = (settings or OptimizeSettings()).check()
+        if prompts is None:
+            prompts = [prompt] if prompt is not None else list(getattr(neurons, "prompts", []) or [])
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        locality = [locality] if isinstance(locality, str) else list(locality)
+        if not prompts:
+            raise KneuronsError("method='optimize' needs the edit prompt(s) (prompt= or prompts=)")
+        _check_editable(handle)
+        deltas, info = _optimized_deltas(handle, nrns, new_target, prompts, locality, cfg)
+        info.update(old=old_target, new=new_target, method="optimize", prompts=prompts, locality=len(locality),
+                    settings=dataclasses.asdict(cfg))
+        return _apply(Edit(handle, "update", nrns, info),
+                      lambda l, i, slot: (slot.to(deltas[(l, i)].dtype) + deltas[(l, i)].to(slot.device)).to(slot.dtype))
+    if settings is not None or locality or prompts is not None:
+        raise KneuronsError("prompts=, locality= and settings= belong to method='optimize'")
     for lam, name in ((lambda1, "lambda1"), (lambda2, "lambda2")):
         if not isinstance(lam, (int, float)) or not math.isfinite(lam):
             raise KneuronsError(f"{name} must be a finite number")
@@ -524,7 +702,7 @@ def update_fact(handle, neurons, old_target: str, new_target: str, prompt: str |
         return new.to(slot.dtype)
 
     return _apply(Edit(handle, "update", nrns, {"old": old_target, "new": new_target, "lambda1": lambda1,
-                                                "lambda2": lambda2, "space": space}), rule)
+                                                "lambda2": lambda2, "space": space, "method": "rule"}), rule)
 
 
 def shared_neurons(neuron_sets: Iterable, min_facts: int | None = 5, top_k: int | None = None) -> list[Neuron]:
@@ -556,19 +734,29 @@ def unknown_token(tokenizer) -> tuple[int | None, str]:
     return int(unk), ""
 
 
-def erase_relation(handle, neuron_sets: Iterable, min_facts: int | None = 5, top_k: int | None = None,
-                   mode: str = "zero") -> Edit:
-    """Erase a relation: value slots of the neurons shared by its facts become zero or the [UNK] vector."""
+def erase_relation(handle, neuron_sets: Iterable | None = None, min_facts: int | None = 5,
+                   top_k: int | None = None, mode: str = "zero", neurons=None) -> Edit:
+    """Erase a relation: value slots of the neurons shared by its facts become zero or the [UNK] vector.
+
+    Either ``neuron_sets`` (the facts' knowledge neurons; the neurons in at least ``min_facts`` of them, or the
+    ``top_k`` most frequent, are erased) or ``neurons``: the relation's neurons themselves, e.g. the result of
+    :func:`kneurons.relation_neurons`."""
     if mode not in ("zero", "unk"):
         raise KneuronsError(f"mode must be 'zero' or 'unk', got {mode!r}")
-    neuron_sets = list(neuron_sets)
-    for k, s in enumerate(neuron_sets):  # every set checked against the model: shape, ids, name (empty is allowed)
-        if as_neurons(getattr(s, "neurons", s), f"neuron set {k}"):
-            check_neurons(handle, s, f"neuron set {k}")
-    chosen = shared_neurons(neuron_sets, min_facts, top_k)
-    if not chosen:
-        raise KneuronsError(f"no neuron is shared by {min_facts} or more facts of the relation (lower min_facts "
-                            "or use top_k)")
+    if (neuron_sets is None) == (neurons is None):
+        raise KneuronsError("give the facts' neuron sets or the relation's neurons (neurons=), one of them")
+    if neurons is not None:
+        chosen = check_neurons(handle, neurons, "neurons")  # refuses an empty set
+        min_facts = top_k = None
+    else:
+        neuron_sets = list(neuron_sets)
+        for k, s in enumerate(neuron_sets):  # every set checked against the model: shape, ids, name (empty allowed)
+            if as_neurons(getattr(s, "neurons", s), f"neuron set {k}"):
+                check_neurons(handle, s, f"neuron set {k}")
+        chosen = shared_neurons(neuron_sets, min_facts, top_k)
+        if not chosen:
+            raise KneuronsError(f"no neuron is shared by {min_facts} or more facts of the relation (lower "
+                                "min_facts or use top_k)")
     nrns = _neurons(handle, chosen)
     _check_editable(handle)
     fill = None
@@ -582,7 +770,8 @@ def erase_relation(handle, neuron_sets: Iterable, min_facts: int | None = 5, top
             if U.shape[1] != handle.arch.d_model:
                 raise KneuronsError("output embeddings are not in the model width; use mode='zero'")
             fill = U[unk].detach()
-    return _apply(Edit(handle, "erase", nrns, {"mode": mode, "min_facts": min_facts, "top_k": top_k}),
+    return _apply(Edit(handle, "erase", nrns, {"mode": mode, "min_facts": min_facts, "top_k": top_k,
+                                               "given_neurons": neurons is not None}),
                   lambda l, i, slot: torch.zeros_like(slot) if fill is None else fill.to(slot.dtype))
 
 

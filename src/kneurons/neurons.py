@@ -256,7 +256,8 @@ def locate(handle, prompts: Sequence[str], target, steps: int = 20, threshold: f
            abs_threshold: float | None = None, top_k: int | None = None, p: float = 0.7, min_prompts: int = 3,
            adaptive: bool = False, score: str = "prob", batch_size: int = DEFAULT_BATCH_SIZE,
            keep_attributions: bool = True, progress: Callable[[int], None] | None = None,
-           batch_prompts: bool = False, method: str = "integrated_gradients", seed: int = 0) -> KnowledgeNeurons:
+           batch_prompts: bool = False, method: str = "integrated_gradients", seed: int = 0,
+           foils: Sequence[str] | None = None) -> KnowledgeNeurons:
     """Refined knowledge neurons of the fact expressed by ``prompts`` (paraphrases) with answer ``target``.
 
     ``method`` (a name of :data:`kneurons.attribution.METHODS`): ``"integrated_gradients"`` (the paper's) or
@@ -265,7 +266,9 @@ def locate(handle, prompts: Sequence[str], target, steps: int = 20, threshold: f
     the method's, 0.2 for attributions and 0.5 for activations; or ``abs_threshold``, or the ``top_k``), refined
     over the prompts (``p``, ``min_prompts``, ``adaptive``). ``"random"`` returns as many random neurons as
     integrated gradients finds (or ``top_k``), seeded by ``seed``. ``batch_prompts``: let the paraphrases' rows
-    share passes (see :func:`attribute`)."""
+    share passes (see :func:`attribute`). ``score="contrastive"`` with ``foils`` (other answers of the relation)
+    finds neurons that raise *this* answer rather than every answer of the relation (see
+    :mod:`kneurons.attribution.methods`)."""
     m = get_method(method)
     check_steps(steps)
     target = _targets_one_fact(prompts, target)
@@ -277,7 +280,7 @@ def locate(handle, prompts: Sequence[str], target, steps: int = 20, threshold: f
     if m.kind == "random":
         like = top_k if top_k is not None else locate(
             handle, prompts, target, steps, threshold, abs_threshold, None, p, min_prompts, adaptive, score,
-            batch_size, False, progress, batch_prompts)
+            batch_size, False, progress, batch_prompts, foils=foils)
         rnd = random_neurons(handle, like, seed=seed)
         rnd.params["count_from"] = "top_k" if top_k is not None else "integrated_gradients"
         return rnd
@@ -290,10 +293,12 @@ def locate(handle, prompts: Sequence[str], target, steps: int = 20, threshold: f
         base_probs = [a.prob for a in assess(handle, list(prompts), target)]
     else:
         attrs = attribute(handle, list(prompts), target, steps=steps, score=score, batch_size=batch_size,
-                          progress=progress, batch_prompts=batch_prompts, method=m.name)
+                          progress=progress, batch_prompts=batch_prompts, method=m.name, foils=foils)
         scores = attrs
         base_probs = [a.base_prob for a in attrs]
         params.update(steps=steps, score=score, batch_size=batch_size)
+        if foils:
+            params["foils"] = list(attrs[0].params.get("foils_given", []))
     coarse = [coarse_neurons(sc, threshold, abs_threshold, top_k) for sc in scores]
     if adaptive:
         neurons, p_used = refine_adaptive(coarse, p, min_prompts)
@@ -354,3 +359,50 @@ def random_neurons(handle, like: KnowledgeNeurons | int, seed: int = 0, same_lay
                 break
     params = {"seed": seed, "same_layers": same_layers, "count": len(layers)}
     return KnowledgeNeurons(sorted(chosen), list(prompts), target, [], [], params, model_info(handle), "random")
+
+
+# ------------------------------------------------------------------------------------ relation neurons
+
+def relation_neurons(neuron_sets: Sequence[KnowledgeNeurons], q: float = 0.5, level: str = "refined",
+                     relation: str = "") -> KnowledgeNeurons:
+    """Neurons of a relation rather than of one fact: those found for more than a fraction ``q`` of the
+    relation's facts (``neuron_sets``: each fact's :class:`KnowledgeNeurons`, from :func:`locate`). ``level``:
+    ``"refined"`` counts a fact's refined neurons, ``"coarse"`` the neurons coarse in any of its prompts.
+
+    A :class:`KnowledgeNeurons` (``method="relation"``; ``params`` has ``q``, ``level``, the number of facts and
+    each neuron's fact count) that saves, loads and becomes a DataFrame like any other; :func:`fact_specific`
+    takes it away from a fact's set, :func:`kneurons.erase_relation` (``neurons=``) erases it."""
+    sets = list(neuron_sets)
+    _check_fraction("q", q)
+    if level not in ("refined", "coarse"):
+        raise KneuronsError(f"level must be 'refined' or 'coarse', got {level!r}")
+    if len(sets) < 2:
+        raise KneuronsError(f"relation neurons need the neuron sets of at least 2 facts, got {len(sets)}")
+    for k, kn in enumerate(sets):
+        if not isinstance(kn, KnowledgeNeurons):
+            raise KneuronsError(f"neuron set {k} is not a KnowledgeNeurons result (from locate)")
+    models = {json.dumps(kn.model, sort_keys=True) for kn in sets if kn.model}
+    if len(models) > 1:
+        raise KneuronsError("the neuron sets come from different models")
+
+    def of(kn):
+        return set(kn.neurons) if level == "refined" else {n for c in kn.coarse for n in map(tuple, c)}
+
+    counts = Counter(n for kn in sets for n in of(kn))
+    chosen = sorted(n for n, c in counts.items() if c > q * len(sets))
+    params = {"q": q, "level": level, "relation": relation, "facts": len(sets),
+              "targets": [kn.target for kn in sets], "fact_counts": [[l, i, counts[(l, i)]] for l, i in chosen],
+              "from_method": sorted({kn.method for kn in sets})}
+    return KnowledgeNeurons(chosen, [], "", [], [], params, dict(sets[0].model), "relation")
+
+
+def fact_specific(kn: KnowledgeNeurons, relation: KnowledgeNeurons | Iterable[Neuron]) -> KnowledgeNeurons:
+    """``kn``'s neurons that are not relation neurons: ``refined - relation`` (the authors' update filter, which
+    drops neurons shared by more than 10 % of the relation's facts, generalised to any ``q``)."""
+    rel = set(relation.neurons if isinstance(relation, KnowledgeNeurons) else as_neurons(relation, "relation"))
+    kept = [n for n in kn.neurons if n not in rel]
+    params = dict(kn.params, from_method=kn.method, relation_neurons_removed=len(kn.neurons) - len(kept))
+    if isinstance(relation, KnowledgeNeurons):
+        params["relation_q"] = relation.params.get("q")
+    return KnowledgeNeurons(kept, list(kn.prompts), kn.target, [list(c) for c in kn.coarse], list(kn.base_probs),
+                            params, dict(kn.model), "fact_specific")

@@ -48,7 +48,7 @@ __all__ = [
 def integrated_gradients(handle, prompt: str, target: str, steps: int = 20, score: str = "prob",
                          batch_size: int | None = DEFAULT_BATCH_SIZE, layers=None,
                          progress: Callable[[int], None] | None = None, *, method: str = "integrated_gradients",
-                         path: IntegrationPath | None = None, **shortcuts) -> Attribution:
+                         path: IntegrationPath | None = None, foils=None, **shortcuts) -> Attribution:
     """Attribute ``target`` at the blank of ``prompt`` to every FFN neuron of ``layers`` (default all).
 
     ``method`` names an attribution method of :data:`METHODS` (``"integrated_gradients"``, the paper's, or
@@ -67,15 +67,16 @@ def integrated_gradients(handle, prompt: str, target: str, steps: int = 20, scor
     switched off (``=False``; the results are the same either way, see :mod:`.plan`); ``params`` records the
     execution plan used. ``progress(n)`` is called with the number of rows just finished. Works inside
     ``torch.inference_mode()``; the model's train/eval mode and its parameters' ``requires_grad`` are restored
-    afterwards, also on error.
+    afterwards, also on error. ``score="contrastive"`` attributes ``log P(target) - log mean P(foil)`` over
+    ``foils`` (other answers of the relation; see :mod:`.methods`).
     """
     return attribute(handle, [prompt], target, steps, score, batch_size, layers, progress, method=method,
-                     path=path, **shortcuts)[0]
+                     path=path, foils=foils, **shortcuts)[0]
 
 
 def attribute(handle, prompts, target, steps: int = 20, score: str = "prob", batch_size: int = DEFAULT_BATCH_SIZE,
               layers=None, progress: Callable[[int], None] | None = None, batch_prompts: bool = False, *,
-              method: str = "integrated_gradients", path: IntegrationPath | None = None,
+              method: str = "integrated_gradients", path: IntegrationPath | None = None, foils=None,
               **shortcuts) -> list[Attribution]:
     """:func:`integrated_gradients` for several prompts (``target`` may be one string or one per prompt).
 
@@ -94,7 +95,8 @@ def attribute(handle, prompts, target, steps: int = 20, score: str = "prob", bat
     targets = [target] * len(prompts) if isinstance(target, str) else list(target)
     if len(targets) != len(prompts):
         raise KneuronsError(f"{len(prompts)} prompts but {len(targets)} targets")
-    options = Options.build(handle, steps, score, batch_size, layers, method, path, batch_prompts, **shortcuts)
+    options = Options.build(handle, steps, score, batch_size, layers, method, path, batch_prompts, foils,
+                            **shortcuts)
     if not prompts:
         return []
     return run(handle, list(prompts), targets, options, progress)

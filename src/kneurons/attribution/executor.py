@@ -122,6 +122,31 @@ class Prepared:
     W: torch.Tensor  # [L, d_ff] clean activations at the blank
     outputs: dict  # block j -> its clean output at the rows' positions (for replay)
     base: float  # the score with nothing changed
+    seqs: tuple  # the scored sequences: the target's token ids, then the foils' (see score_sequences)
+    foils: tuple  # the foils used (those whose first token differs from the target's and from each other)
+
+
+def score_sequences(handle, prompt: str, enc: Encoded, foils) -> tuple[tuple, tuple]:
+    """``(sequences, foils used)``: the target's token ids, then per foil its first token (in the prompt's
+    context) followed by the target's continuation — the contrastive score's foils (see
+    :mod:`kneurons.attribution.methods`). Foils whose first token is the target's or an earlier foil's are
+    dropped."""
+    from ..prompts import encode
+
+    target = tuple(enc.target_ids)
+    if not foils:
+        return (target,), ()
+    seen, seqs, used = {target[0]}, [target], []
+    for f in foils:
+        first = encode(handle, prompt, f).target_ids[0]
+        if first not in seen:
+            seen.add(first)
+            seqs.append((first,) + target[1:])
+            used.append(f)
+    if not used:
+        raise KneuronsError(f"no foil starts with another token than the target {enc.target!r} (in {prompt!r}); "
+                            "give other answers of the relation")
+    return tuple(seqs), tuple(used)
 
 
 def _prefix_cache(handle, prefix: torch.Tensor):
@@ -138,8 +163,9 @@ def _prefix_cache(handle, prefix: torch.Tensor):
     return cache
 
 
-def prepare(handle, prompt: str, enc: Encoded, plan: ExecutionPlan, score: str) -> Prepared:
-    """The clean run of one prompt under ``plan``."""
+def prepare(handle, prompt: str, enc: Encoded, plan: ExecutionPlan, score: str, seqs=None,
+            foils=()) -> Prepared:
+    """The clean run of one prompt under ``plan`` (``seqs``: the scored sequences, default the target)."""
     model, arch = handle.model, handle.arch
     L = arch.n_layers
     full = torch.tensor([enc.input_ids], device=handle.device)
@@ -170,11 +196,11 @@ def prepare(handle, prompt: str, enc: Encoded, plan: ExecutionPlan, score: str) 
         with torch.no_grad(), ffn_hooks(arch, grab(rows.blank)), capture_layer_outputs(arch, range(L)) as outs:
             logits = rows.forward(1)
         outputs = dict(outs)
-    targets = torch.tensor([enc.target_ids], device=full.device)
-    lp = logprob_from_logits(rows.scored(logits), targets)
+    seqs = (tuple(enc.target_ids),) if seqs is None else tuple(seqs)
+    lp = logprob_from_logits(rows.scored(logits), torch.tensor(seqs, device=full.device))
     base = float(get_score(score).value(lp)[0])
     W = torch.stack([acts[l] for l in range(L)])
-    return Prepared(prompt, enc, plan, rows, W, outputs, base)
+    return Prepared(prompt, enc, plan, rows, W, outputs, base, seqs, tuple(foils))
 
 
 # ------------------------------------------------------------------------------------------- prompt groups
@@ -369,7 +395,7 @@ def execute(handle, preps: list[Prepared], options: Options, rows: RowPlan,
     last_term = torch.zeros(P, L, arch.d_ff, dtype=acc_dtype, device=W0.device)  # the clean rows' alpha = 1 terms
     layer_zero = torch.full((P, L), float("nan"), dtype=torch.float64)
     head = plain_linear_head(handle.model) if plan.fused_head else None
-    targets = torch.tensor([preps[0].enc.target_ids], device=W0.device)  # [1, n]: one target sequence
+    targets = torch.tensor(preps[0].seqs, device=W0.device)  # [1 + foils, n]: the target, then the foils
     _, denominator = path.factored()
 
     with frozen_parameters(handle.model):
@@ -407,7 +433,11 @@ def execute(handle, preps: list[Prepared], options: Options, rows: RowPlan,
               "baseline": path.describe()["baseline"], "position": "blank", **plan.params(),
               "prompts_per_group": P}
     results = []
+    if options.foils:
+        common["foils_given"] = list(options.foils)
     for i, prep in enumerate(preps):
+        if options.foils:
+            common["foils"] = list(prep.foils)  # the ones used for this prompt
         diff = prep.W.to(acc_dtype) if path.zero_baseline else \
             (prep.W - path.baseline.to(prep.W.dtype).to(prep.W.device)).to(acc_dtype)
         scores = (diff * grad_sum[i] + last_term[i]) / denominator
@@ -441,6 +471,7 @@ def run(handle, prompts: list[str], targets: list[str], options: Options,
                 raise KneuronsError("integrated gradients needs the model on one device; it is split over "
                                     f"{sorted(devices)}")
             encs = [encode(handle, p, t) for p, t in zip(prompts, targets)]  # also refuses unproducible targets
+            scored = [score_sequences(handle, p, e, options.foils) for p, e in zip(prompts, encs)]
             handle.model.eval()
             caps = capabilities(handle, encs[0])
             units: list[list[int]] = []  # prompts computed together: one alone, or a group sharing passes
@@ -452,6 +483,7 @@ def run(handle, prompts: list[str], targets: list[str], options: Options,
                     plan = adjust(plan)
                 plans.append(plan)
                 key = group_key(handle, caps, plan, enc) if options.batch_prompts else None
+                key = None if key is None else (key, scored[i][0])  # a group scores the same sequences
                 if key is None:
                     units.append([i])
                 else:
@@ -467,7 +499,7 @@ def run(handle, prompts: list[str], targets: list[str], options: Options,
                                              options.batch_size, available, gpu, plan.replay, plan.partial_blocks))
             out: list[Attribution | None] = [None] * len(prompts)
             for members, rows in zip(units, row_plans):  # nothing of a unit is kept for the next
-                preps = [prepare(handle, prompts[i], encs[i], plans[i], options.score) for i in members]
+                preps = [prepare(handle, prompts[i], encs[i], plans[i], options.score, *scored[i]) for i in members]
                 for i, att in zip(members, execute(handle, preps, options, rows, progress)):
                     out[i] = att
             return out

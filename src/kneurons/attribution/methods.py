@@ -10,12 +10,26 @@
   weights ``1/m``; gradient x activation is :func:`one_point` (``alpha = 1``, weight 1). Any rule the engine
   gets is computed exactly as written (tests compare every rule with a naive loop).
 * :class:`Score` — what is attributed, as a function of the log-probabilities of target sequences: the
-  target's probability (``"prob"``, the paper's) or log-probability (``"logprob"``). A score gets
-  ``lp`` ``[rows, n_sequences]`` (column 0 the answer) and gives its value and its derivative w.r.t. ``lp``,
-  split into a well-scaled cotangent for the backward pass and a per-row factor applied after it (``dP = P
-  dlogP``: the half-precision backward never sees a tiny ``P``). A contrastive score ``log P(t) - log mean_f
-  P(f)`` over foil answers is one more entry here (cotangent ``[1, -softmax(lp_f)]``) plus foil sequences for
-  the head to score (:mod:`kneurons.attribution.head` scores several sequences at the same positions).
+  target's probability (``"prob"``, the paper's), log-probability (``"logprob"``) or its contrast to foil
+  answers (``"contrastive"``, below). A score gets ``lp`` ``[rows, n_sequences]`` (column 0 the answer, then
+  the foils) and gives its value and its derivative w.r.t. ``lp``, split into a well-scaled cotangent for the
+  backward pass and a per-row factor applied after it (``dP = P dlogP``: the half-precision backward never sees
+  a tiny ``P``).
+
+  **Contrastive score** (fact-specific neurons, not relation neurons)::
+
+      S = log P(t) - log( 1/|F| * sum_{f in F} P(f) )
+
+  with ``F`` the foils: other answers of the same relation, given by the caller (``foils=``; ``kneurons run``
+  uses the relation's other objects). A neuron that raises every answer of the relation raises ``P(t)`` and
+  the foils' mean alike and scores about zero; one that raises *this* answer scores high. The answers part at
+  the blank: each foil is scored by its **first token** in place of the target's first token, followed by the
+  target's own continuation (the head scores several sequences at the same positions, and teacher forcing
+  feeds every sequence the same input). The continuation's probability is the same in every term and cancels,
+  so ``S = log p(t_1) - log mean_f p(f_1)`` at the blank: exactly the contrast of single-token answers, and of
+  multi-token answers where they part. Foils are the distinct first tokens other than the target's (a foil
+  that starts like the target cannot be told from it there and is dropped; the ones used are in
+  ``params["foils"]``). Its derivative w.r.t. ``lp`` is ``[1, -softmax(lp_F)]``.
 * :data:`METHODS` — the neuron-finding methods that :func:`kneurons.locate`, ``kneurons locate --method``
   and ``kneurons run --method`` accept: the two gradient methods above, and the paper's two baselines
   (``"activation"``: neurons by activation magnitude; ``"random"``: as many random neurons).
@@ -161,6 +175,7 @@ class Score:
     value: Callable[[torch.Tensor], torch.Tensor]
     gradient: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
     is_probability: bool = False
+    needs_foils: bool = False  # scores the foil sequences (columns 1.. of lp): foils must be given
 
 
 def _prob_value(lp):
@@ -179,10 +194,21 @@ def _logprob_gradient(lp):
     return torch.ones_like(lp[:, :1]), torch.ones_like(lp[:, 0])
 
 
+def _contrastive_value(lp):
+    return lp[:, 0] - (torch.logsumexp(lp[:, 1:], 1) - math.log(lp.shape[1] - 1))
+
+
+def _contrastive_gradient(lp):
+    return torch.cat([torch.ones_like(lp[:, :1]), -torch.softmax(lp[:, 1:], 1)], 1), torch.ones_like(lp[:, 0])
+
+
 SCORES: dict[str, Score] = {
     "prob": Score("prob", "P(target): the target's (joint) probability, the paper's choice", _prob_value,
                   _prob_gradient, is_probability=True),
     "logprob": Score("logprob", "log P(target)", _logprob_value, _logprob_gradient),
+    "contrastive": Score("contrastive", "log P(target) - log mean P(foil) over other answers of the relation "
+                         "(foils), at the token where the answers part: fact-specific neurons",
+                         _contrastive_value, _contrastive_gradient, needs_foils=True),
 }
 
 

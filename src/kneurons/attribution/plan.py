@@ -76,10 +76,11 @@ class Options:
     partial_blocks: bool = True
     head_on_scored_positions: bool = True
     fused_head: bool = True
+    foils: tuple[str, ...] = ()  # other answers a contrastive score compares the target with
 
     @classmethod
     def build(cls, handle, steps=20, score="prob", batch_size=None, layers=None, method="integrated_gradients",
-              path=None, batch_prompts=False, **shortcuts) -> "Options":
+              path=None, batch_prompts=False, foils=None, **shortcuts) -> "Options":
         """Checked options (one-line :class:`KneuronsError` for bad values)."""
         for old, new in RENAMED.items():
             if old in shortcuts:
@@ -91,7 +92,7 @@ class Options:
         if unknown:
             raise KneuronsError(f"unknown option(s): {', '.join(sorted(unknown))}")
         check_steps(steps)
-        get_score(score)
+        foils = check_foils(get_score(score), foils)
         if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool)
                                        or batch_size < 1):
             raise KneuronsError(f"batch_size must be an integer >= 1, got {batch_size!r}")
@@ -111,7 +112,28 @@ class Options:
         if any(l < 0 or l >= L for l in layers):
             raise KneuronsError(f"layers must be in 0..{L - 1}")
         return cls(m.name, path, score, tuple(layers), batch_size, bool(batch_prompts),
-                   **{k: bool(v) for k, v in shortcuts.items()})
+                   **{k: bool(v) for k, v in shortcuts.items()}, foils=foils)
+
+
+def check_foils(score, foils) -> tuple[str, ...]:
+    """The foils a score needs, as a tuple of distinct stripped strings (one-line :class:`KneuronsError`: a
+    contrastive score without foils, foils for a score that does not use them, an empty foil)."""
+    if foils is None or (not isinstance(foils, str) and len(foils) == 0):
+        if score.needs_foils:
+            raise KneuronsError(f"score {score.name!r} needs foils: other answers of the relation to contrast the "
+                                "target with (foils=[...], --foils)")
+        return ()
+    if not score.needs_foils:
+        raise KneuronsError(f"foils are used only by a contrastive score, not by score {score.name!r}")
+    if isinstance(foils, str):
+        raise KneuronsError("foils must be a list of answers, not one string")
+    out = []
+    for f in foils:
+        if not isinstance(f, str) or not f.strip():
+            raise KneuronsError(f"every foil must be a non-empty answer, got {f!r}")
+        if f.strip() not in out:
+            out.append(f.strip())
+    return tuple(out)
 
 
 # ------------------------------------------------------------------------------------------- capabilities

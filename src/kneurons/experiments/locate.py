@@ -31,13 +31,13 @@ def _row(method: str, kn, seconds: float) -> dict:
 def locate_fact(handle, item: FactItem, seed: int = 0, steps: int = 20, threshold: float = 0.2, p: float = 0.7,
                 min_prompts: int = 3, adaptive: bool = True, activation_threshold: float = 0.5,
                 score: str = "prob", batch_size: int = DEFAULT_BATCH_SIZE,
-                method: str = "integrated_gradients") -> list[dict]:
-    """Rows for ``kn`` (found by ``method``), ``activation`` and ``random`` neurons of one fact (needs >= 2
-    prompts)."""
+                method: str = "integrated_gradients", foils=None) -> list[dict]:
+    """Rows for ``kn`` (found by ``method``; ``foils``: the other answers a contrastive score compares with),
+    ``activation`` and ``random`` neurons of one fact (needs >= 2 prompts)."""
     t = time.perf_counter()
     kn = locate(handle, list(item.prompts), item.object, steps=steps, threshold=threshold, p=p,
                 min_prompts=min_prompts, adaptive=adaptive, score=score, batch_size=batch_size,
-                keep_attributions=False, method=method, seed=stable_seed(seed, "kn", item.fact_id))
+                keep_attributions=False, method=method, seed=stable_seed(seed, "kn", item.fact_id), foils=foils)
     rows = [_row("kn", kn, time.perf_counter() - t)]
     t = time.perf_counter()
     act = activation_baseline(handle, list(item.prompts), item.object, threshold=activation_threshold, p=p,
@@ -80,6 +80,13 @@ def locate_stats(rows: list[dict], n_layers: int) -> dict:
     return out
 
 
+def foils_for(runner, item: FactItem) -> list[str] | None:
+    """A contrastive score's foils: the relation's other answers (``None`` for the other scores)."""
+    if runner.cfg.score != "contrastive":
+        return None
+    return [c for c in runner.candidates(item.relation) if c != item.object]
+
+
 def run_locate(runner) -> None:
     cfg = runner.cfg
     items = runner.all_known()
@@ -89,7 +96,7 @@ def run_locate(runner) -> None:
         runner.unit("locate", it.fact_id, it.relation, task(
             locate_fact, it, seed=cfg.seed, steps=cfg.steps, threshold=cfg.threshold, p=cfg.p,
             min_prompts=cfg.min_prompts, adaptive=cfg.adaptive, activation_threshold=cfg.activation_threshold,
-            score=cfg.score, method=cfg.method, **extra), bar)
+            score=cfg.score, method=cfg.method, foils=foils_for(runner, it), **extra), bar)
     runner.join()
     bar.close()
     runner.load_sets()

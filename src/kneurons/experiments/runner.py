@@ -18,7 +18,7 @@ from .. import __version__
 from ..attribution import MAX_STEPS, METHODS, SCORES
 from ..data.pararel import Pararel, load_pararel
 from ..errors import KneuronsError
-from ..interventions import SPACES, weights_digest
+from ..interventions import SPACES, UPDATE_METHODS, weights_digest
 from ..models import DEFAULT_MODEL
 from ..options import check_fields, option
 from . import registry
@@ -66,8 +66,12 @@ class RunConfig:
     adaptive: bool = option(True, negate="fixed-p", help="do not adapt p to get 2-5 neurons per fact")
     activation_threshold: float = option(0.5, lo=0, hi=1, lo_open=True,
                                          help="the activation baseline's threshold x max activation")
-    score: str = option("prob", choices=lambda: list(SCORES), help="what is attributed: prob (the paper's) or "
-                                                                   "logprob")
+    score: str = option("prob", choices=lambda: list(SCORES),
+                        help="what is attributed: prob (the paper's), logprob, or contrastive (log P(answer) - log "
+                             "mean P(other answers of the relation): neurons of the fact, not of its relation)")
+    relation_q: float = option(0.3, lo=0, hi=1, hi_open=True,
+                               help="suppress: relation neurons = knowledge neurons of more than this fraction of "
+                                    "the relation's known facts; the fact-specific set leaves them out")
     control_facts: int = option(3, lo=0, help="suppress: control facts of the same and of other relations, each")
     control_prompts: int = option(2, lo=1, help="prompts per control fact (suppress, update perplexities)")
     bingrel_sentences: int = option(10, lo=1, help="activations: sentences per bag")
@@ -81,6 +85,10 @@ class RunConfig:
                                help="update: the paper's unembedding rows, the residual directions the output head "
                                     "maps to the targets (head), or the logit gradient at the fact's prompt "
                                     "(gradient)")
+    update_method: str = option("rule", choices=UPDATE_METHODS,
+                                help="update: the authors' rule (--lambda1/--lambda2/--update-space) or optimize (gradient "
+                                     "steps on the neurons' value slots only, bounded, with a KL term; "
+                                     "kneurons.update_fact)")
     ppl_facts: int = option(5, lo=1, help="update/erase: facts (of the same and of other relations) whose perplexity is measured")
     erase_relations: list[str] | None = option(default_factory=lambda: list(DEFAULT_ERASE), many=True,
                                                help="relations to erase")
@@ -117,6 +125,9 @@ class RunConfig:
         ident = {k: v for k, v in dataclasses.asdict(self).items() if k not in NOT_IDENTITY}
         if ident["method"] == "integrated_gradients":  # the default: runs stored before the field existed resume
             del ident["method"]
+        for name, default in (("relation_q", 0.3), ("update_method", "rule")):  # likewise
+            if ident[name] == default:
+                del ident[name]
         return ident
 
 

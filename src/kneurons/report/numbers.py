@@ -29,7 +29,7 @@ from ..experiments.store import RunStore, describe_skipped
 META_KEYS = ("model_info", "device", "skipped_relations", "known_facts", "activations_skipped",
              "activations_missing_relations", "activations_bad_files", "erase_not_in_run", "weights_restored",
              "last_run_seconds", "complete", "created")
-METHODS = ("kn", "activation", "random")
+METHODS = ("kn", "fact_specific", "activation", "random")
 OPS = ("suppress", "amplify")
 GROUPS = ("fact", "same_relation", "other_relation")
 BAGS = ("head_tail", "head_only", "random")
@@ -236,6 +236,10 @@ def suppress_section(d: RunData, issues: dict) -> dict:
                 cell["after"] = _mean(sub["after"]) if "after" in sub else None
                 cell["neurons_per_fact"] = _mean(sub["n_neurons"]) if "n_neurons" in sub else None
                 out["ops"].setdefault(op, {}).setdefault(m, {})[g] = cell
+            cells = out["ops"].get(op, {}).get(m, {})
+            fact, same = (cells.get(g, {}).get("all_facts") for g in ("fact", "same_relation"))
+            if cells and fact is not None and same is not None and math.isfinite(fact) and math.isfinite(same):
+                cells["relation_specificity"] = abs(fact) / max(abs(same), 1e-12)  # fact ÷ same relation
     return out
 
 

@@ -91,7 +91,8 @@ def figure_html(fig: Figure) -> str:
             f"<code>{esc(fig.name)}</code>)</span></figcaption></figure>")
 
 
-METHOD_NAMES = {"kn": "knowledge neurons", "activation": "activation baseline", "random": "random neurons"}
+METHOD_NAMES = {"kn": "knowledge neurons", "fact_specific": "fact-specific neurons (knowledge − relation neurons)",
+                "activation": "activation baseline", "random": "random neurons"}
 
 
 def _mname(m: str) -> str:
@@ -264,10 +265,16 @@ def suppress_html(s: dict, figs: dict) -> str:
                          arrow(f.get("before"), f.get("after"), "share"), fmt(f.get("all_facts"), "fraction"),
                          fmt(f.get("mean_of_relations"), "fraction"), fmt(paper, "fraction"),
                          fmt(c.get("same_relation", {}).get("all_facts"), "fraction"),
-                         fmt(c.get("other_relation", {}).get("all_facts"), "fraction")])
+                         fmt(c.get("other_relation", {}).get("all_facts"), "fraction"),
+                         fmt(c.get("relation_specificity"), "count")])
     out.append(table(["op", "method", "facts", "neurons per fact", "p(answer) before → after",
                       "Δp/p fact (all facts)", "Δp/p fact (mean of relations)", "paper",
-                      "Δp/p same relation", "Δp/p other relations"], rows, left=2, paper_cols=(7,)))
+                      "Δp/p same relation", "Δp/p other relations", "fact ÷ same relation"], rows, left=2,
+                     paper_cols=(7,)))
+    out.append('<p class="note">fact ÷ same relation (relation specificity): |Δp/p of the fact| ÷ |Δp/p of other '
+               "facts of the same relation|; about 1 for neurons of the relation, large for neurons of the fact. "
+               "Fact-specific neurons are a fact's knowledge neurons minus its relation's (found for more than "
+               "relation_q of the relation's facts).</p>")
     missing = [m for m in ("kn", "random") if not any(m in ops[o] for o in ops)]
     if missing:
         out.append(empty(f"No rows for {', '.join(METHOD_NAMES[m] for m in missing)}: no fact had knowledge neurons "
