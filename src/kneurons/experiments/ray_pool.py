@@ -332,6 +332,7 @@ class RayPool:
                 if j == i and ref in slot.running:
                     del self.inflight[ref]
                     q.attempts += 1
+                    self.retried += 1
                     self.queue.appendleft(q)
             slot.running.clear()
         self.retried += 1
