@@ -392,6 +392,29 @@ CLI_CASES = [
     ("demo: --batch-size 0", ["demo", *M, "--batch-size", "0"], "argument --batch-size"),
     ("demo: --device bogus", ["demo", *M, "--device", "bogus"], "unknown device"),
     ("demo: a model that knows no built-in fact", ["demo", *M], "knows none of the built-in facts"),
+    # explain
+    ("explain: no --neurons", ["explain", *M], "--neurons"),
+    ("explain: --neurons missing", ["explain", *M, "--neurons", "{cwd}/nope.json"], "does not exist"),
+    ("explain: --neurons corrupt", ["explain", *M, "--neurons", F + "/corrupt.json"], "not a readable"),
+    ("explain: --neurons empty", ["explain", *M, "--neurons", F + "/kn_empty.json"], "holds no knowledge neurons"),
+    ("explain: --neurons out of range", ["explain", *M, "--neurons", F + "/kn_range.json"], "out of range"),
+    ("explain: --neurons of another shape", ["explain", *M, "--neurons", F + "/kn_shape.json"], "12 layers"),
+    ("explain: --top-k 0", ["explain", *M, "--neurons", F + "/kn_good.json", "--top-k", "0"], "argument --top-k"),
+    ("explain: --top-facts -1", ["explain", *M, "--neurons", F + "/kn_good.json", "--top-facts", "-1"],
+     "argument --top-facts"),
+    ("explain: --prompt without a blank", ["explain", *M, "--neurons", F + "/kn_good.json", "--prompt", "no blank"],
+     "no blank"),
+    ("explain: --device bogus", ["explain", *M, "--neurons", F + "/kn_good.json", "--device", "bogus"],
+     "unknown device"),
+    # serve (each refused before a server starts)
+    ("serve: --port 70000", ["serve", *M, "--port", "70000"], "argument --port"),
+    ("serve: --port abc", ["serve", *M, "--port", "abc"], "expected an integer"),
+    ("serve: --runs missing", ["serve", *M, "--runs", "{cwd}/nope"], "runs directory does not exist"),
+    ("serve: --runs a file", ["serve", *M, "--runs", F + "/text.txt"], "not a directory"),
+    ("serve: --host not an address of this machine", ["serve", *M, "--host", "192.0.2.1", "--port", "0"],
+     "cannot listen on"),
+    ("serve: --device bogus", ["serve", *M, "--device", "bogus"], "unknown device"),
+    ("serve: model path missing", ["serve", "--model", "./nowhere/model", "--port", "0"], "does not exist"),
     # arguments that are not text
     ("invalid UTF-8 in an argument", ["predict", *M, "-t", "paris", "caf\udce9 ___"], "not valid UTF-8"),
 ]
@@ -435,7 +458,7 @@ def _refused_in_one_line(env, argv, fragment, capsys, monkeypatch, tmp_path):
 def test_enough_cases():
     commands = {c[1][0] for c in CLI_CASES if c[1]}
     assert {"predict", "facts", "locate", "suppress", "amplify", "update", "erase", "run", "export", "report",
-            "demo"} <= commands
+            "demo", "explain", "serve"} <= commands
     assert len(CLI_CASES) + len(API_CASES) >= 100
 
 

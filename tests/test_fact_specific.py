@@ -127,8 +127,9 @@ def test_optimize_changes_only_the_slots_and_reverts(model_type):
     rel = max(float((h.arch.value_slots(l)[i].detach() - (before_slot := _slot(before, h, l, i))).norm()
                     / before_slot.norm()) for l, i in neurons)
     assert rel <= OptimizeSettings().bound * (1 + 1e-9)
-    edit.revert()
-    assert weights_digest(h.model) == digest and not applied_edits(h)
+    assert applied_edits(h) == [edit] and applied_edits(h.model) == [edit]  # a handle or its module (Llama's has
+    edit.revert()                                                           # an inner .model: not that one)
+    assert weights_digest(h.model) == digest and not applied_edits(h) and not applied_edits(h.model)
 
 
 def _slot(state, h, l, i):

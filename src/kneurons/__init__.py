@@ -24,6 +24,7 @@ _EXPORTS = {
     "Edit": "interventions", "Intervention": "interventions", "amplify": "interventions",
     "erase_relation": "interventions", "measure_intervention": "interventions", "suppress": "interventions",
     "update_fact": "interventions",
+    "explain_neurons": "explain",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -510,6 +510,64 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_explain(args) -> int:
+    from .explain import explain_neurons
+
+    from .prompts import parse_cloze
+
+    kn = _read_neurons(args)
+    if args.prompt is not None:
+        parse_cloze(args.prompt)
+    if args.prompt is not None and not (args.target or kn.target):
+        raise KneuronsError("--prompt needs --target (or a --neurons file that has one)")
+    handle = _load(args)
+    kn_checked = _neurons_for(args, handle, kn)
+    prompt = args.prompt if args.prompt is not None else (kn.prompts[0] if kn.prompts else None)
+    target = args.target or kn.target or None
+    df = explain_neurons(handle, kn_checked, top_k=args.top_k, prompt=prompt, target=target if prompt else None,
+                         top_facts=args.top_facts)
+    rows = []
+    for r in df.to_dict("records"):
+        row = {"layer": r["layer"], "neuron": r["neuron"], "activation": r["activation"],
+               "promotes": " ".join(repr(t) for t in r["promotes"]), "demotes": " ".join(repr(t) for t in r["demotes"])}
+        if args.top_facts:
+            row["most active on"] = "; ".join(f"{f} ({a:.2f})" for f, a in zip(r["top_facts"], r["top_fact_activations"]))
+        rows.append(row)
+    print(_table(rows))
+    if prompt:
+        print(f"\nactivation at the blank of {prompt!r} (target {target!r})")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .server import bind, check_installed, create_app, serve, url_of
+
+    check_installed()
+    if args.runs is not None:
+        runs = Path(args.runs)
+        if not runs.exists():
+            raise KneuronsError(f"runs directory does not exist: {args.runs}")
+        if not runs.is_dir():
+            raise KneuronsError(f"runs directory is not a directory: {args.runs}")
+    sock = bind(args.host, args.port)  # a busy port is refused before the model loads
+    try:
+        handle = _load(args)
+        app = create_app(handle, args.runs)
+        if args.host in ("127.0.0.1", "localhost"):  # only this machine's names reach it (no DNS rebinding)
+            from starlette.middleware.trustedhost import TrustedHostMiddleware
+
+            app.add_middleware(TrustedHostMiddleware, allowed_hosts=["127.0.0.1", "localhost"])
+        print(f"kneurons explorer: {url_of(sock)}  (Ctrl-C stops it)", flush=True)
+        try:
+            serve(app, sock)
+        except KeyboardInterrupt:  # uvicorn shut down gracefully, then re-raised the signal
+            pass
+    finally:
+        sock.close()
+    print("kneurons: explorer stopped", file=sys.stderr)
+    return 0
+
+
 # ------------------------------------------------------------------------------------------ argument checks
 # Each option's value is checked by argparse (before anything is loaded); a bad value ends in one line
 # "kneurons: error: argument --x: ..." and exit code 2.
@@ -718,6 +776,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fact", default=None, help="subject of the built-in fact to locate (default: first known)")
     p.add_argument("--prompts", type=_int_in(2), default=4, help="paraphrases to use (at least 2)")
     p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("explain", help="what each knowledge neuron writes: the tokens its value slot promotes and "
+                                       "demotes, its activation, the built-in facts it is most active on")
+    model_args(p)
+    p.add_argument("--neurons", required=True, help="a knowledge-neurons JSON file from `kneurons locate --save`")
+    p.add_argument("--top-k", type=_int_in(1, 1000), default=10, help="tokens listed per neuron (default 10)")
+    p.add_argument("--top-facts", type=_int_in(0, 1000), default=3,
+                   help="built-in facts listed per neuron, most active first (default 3; 0: none)")
+    p.add_argument("--prompt", default=None, help="activation at this prompt's blank (default: the file's first)")
+    p.add_argument("--target", "-t", default=None, help="the prompt's answer (default: from --neurons)")
+    p.set_defaults(fn=cmd_explain, prompts=[])
+
+    p = sub.add_parser("serve", help="a local web explorer: predict, locate, what neurons write, interventions, "
+                                     "edits (needs the 'serve' extra)")
+    model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=_int_in(0, 65535), default=8765, help="port (default 8765; 0: any free port)")
+    p.add_argument("--runs", default=None, help="a directory of runs (from `kneurons run`) to list with their reports")
+    p.set_defaults(fn=cmd_serve)
     return ap
 
 

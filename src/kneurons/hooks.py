@@ -300,3 +300,27 @@ def frozen_parameters(model: torch.nn.Module):
     finally:
         for p, f in flags:
             p.requires_grad_(f)
+
+
+@contextlib.contextmanager
+def observe_blocks(arch: ResolvedArch, fn: Callable[[int, str], None]):
+    """Observe the model's passes block by block, changing nothing: ``fn(layer, "forward")`` after each block's
+    forward, and ``fn(layer, "backward")`` when the gradient with respect to that block's output has been computed
+    (a tensor hook that returns ``None``, so the gradient is left as it is). A heartbeat for long passes — the
+    explorer shows it while an attribution's pass runs, between the engine's per-pass ``progress`` calls."""
+
+    def forward_hook(layer: int):
+        def hook(mod, args, out):
+            fn(layer, "forward")
+            h = out[0] if isinstance(out, tuple) else out
+            if isinstance(h, torch.Tensor) and h.requires_grad:
+                h.register_hook(lambda grad: fn(layer, "backward"))
+            return None
+        return hook
+
+    handles = [arch.layers[layer].register_forward_hook(forward_hook(layer)) for layer in range(arch.n_layers)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()

@@ -239,7 +239,10 @@ _APPLIED: "weakref.WeakKeyDictionary[torch.nn.Module, list[Edit]]" = weakref.Wea
 
 def applied_edits(model) -> list["Edit"]:
     """The edits currently applied to ``model`` (a module or a handle), oldest first."""
-    model = getattr(model, "model", model)
+    from .models import ModelHandle
+
+    if isinstance(model, ModelHandle):  # not getattr(model, "model"): Llama-type modules have an inner .model
+        model = model.model
     return list(_APPLIED.get(model, ()))
 
 

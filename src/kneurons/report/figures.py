@@ -10,10 +10,10 @@ import io
 from dataclasses import dataclass
 
 from ..errors import KneuronsError
-from .numbers import BAGS, ERASE_GROUPS, GROUPS, METHODS, OPS
+from .numbers import BAGS, ERASE_GROUPS, GROUPS, METHOD_NAMES, METHODS, OPS
 
-COLORS = {"kn": "#1f5fa8", "activation": "#e07b12", "random": "#8c8c8c"}
-LABELS = {"kn": "knowledge neurons", "activation": "activation baseline", "random": "random neurons"}
+COLORS = {"kn": "#1f5fa8", "fact_specific": "#2a9d5c", "activation": "#e07b12", "random": "#8c8c8c"}
+LABELS = METHOD_NAMES
 GROUP_LABELS = {"fact": "the fact", "same_relation": "same relation", "other_relation": "other relations"}
 DPI = 110
 

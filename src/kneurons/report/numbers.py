@@ -30,6 +30,9 @@ META_KEYS = ("model_info", "device", "skipped_relations", "known_facts", "activa
              "activations_missing_relations", "activations_bad_files", "erase_not_in_run", "weights_restored",
              "last_run_seconds", "complete", "created")
 METHODS = ("kn", "fact_specific", "activation", "random")
+#: the neuron sets' names in tables and figures
+METHOD_NAMES = {"kn": "knowledge neurons", "fact_specific": "fact-specific neurons", "activation": "activation baseline",
+                "random": "random neurons"}
 OPS = ("suppress", "amplify")
 GROUPS = ("fact", "same_relation", "other_relation")
 BAGS = ("head_tail", "head_only", "random")
@@ -361,11 +364,15 @@ def _compare(s: dict) -> list[dict]:
     add("locate", "neurons_per_fact_activation", "activation-baseline neurons per fact",
         _g(loc, "methods", "activation", "neurons_per_fact"), PAPER["locate"]["neurons_per_fact_activation"],
         "count", _g(loc, "methods", "activation", "facts"))
-    names = {"kn": "knowledge neurons", "activation": "activation baseline", "random": "random neurons"}
+    names = METHOD_NAMES
     for op in OPS:
         for m in METHODS:
             add(op, m, f"{op}: Δp/p of the fact, {names[m]}", _g(sup, "ops", op, m, "fact", "all_facts"),
                 PAPER[op].get(m), "fraction", _g(sup, "ops", op, m, "fact", "n_facts"))
+    for m in ("kn", "fact_specific"):  # no paper number: the paper did not measure it
+        add("suppress", f"relation_specificity_{m}", f"suppress: fact ÷ same relation, {names[m]}",
+            _g(sup, "ops", "suppress", m, "relation_specificity"), None, "count",
+            _g(sup, "ops", "suppress", m, "fact", "n_facts"))
     for bag in BAGS:
         add("activations", bag, f"mean activation, {bag.replace('_', '-')} sentences",
             _g(act, "bags", bag, "all_facts"), PAPER["activations"][bag], "activation",

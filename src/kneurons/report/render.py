@@ -13,7 +13,7 @@ from .._io import atomic_dir, owned_output
 from ..experiments.registry import EXPERIMENTS
 from ..experiments.store import check_output_target
 from .figures import Figure, make_figures
-from .numbers import BAGS, METHODS, OPS, compute_summary, format_value, load_run
+from .numbers import BAGS, METHOD_NAMES, METHODS, OPS, compute_summary, format_value, load_run
 
 REPORT = "report.html"
 SUMMARY = "summary.json"
@@ -89,10 +89,6 @@ def figure_html(fig: Figure) -> str:
     return (f'<figure><img src="data:image/png;base64,{data}" alt="{esc(fig.title)}">'
             f"<figcaption><b>{esc(fig.title)}.</b> {esc(fig.caption)} <span class=\"note\">(also "
             f"<code>{esc(fig.name)}</code>)</span></figcaption></figure>")
-
-
-METHOD_NAMES = {"kn": "knowledge neurons", "fact_specific": "fact-specific neurons (knowledge − relation neurons)",
-                "activation": "activation baseline", "random": "random neurons"}
 
 
 def _mname(m: str) -> str:
