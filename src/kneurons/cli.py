@@ -30,11 +30,13 @@ def _table(rows: list[dict], columns: list[str] | None = None, floatfmt: str = "
     return "\n".join([line(columns), line(["-" * w for w in widths])] + [line(r) for r in cells])
 
 
-def _load(args):
+def _load(args, device: str | None = None):
+    """The model of ``args`` (on ``device`` if given, else ``--device``)."""
     from .models import load_model
 
     t = time.time()
-    handle = load_model(args.model, dtype=getattr(args, "dtype", None), device=getattr(args, "device", None))
+    handle = load_model(args.model, dtype=getattr(args, "dtype", None),
+                        device=device if device is not None else getattr(args, "device", None))
     print(f"model: {handle.name} ({handle.model_type}, {handle.kind}, {handle.n_layers} layers x {handle.d_ff} "
           f"FFN neurons, {handle.dtype}, {handle.device}) loaded in {time.time() - t:.1f}s", file=sys.stderr)
     return handle
@@ -444,15 +446,50 @@ def cmd_run(args) -> int:
     t = time.time()
     # before the model loads: the run's lock (one writer), a writable disk, an intact store of this configuration;
     # a failure before any result is stored removes what this command created
-    with RunStore.open(args.out, cfg.identity()) as store:
-        Runner(cfg, args.out, handle=_load(args), progress=not args.quiet, log=lambda m: print(m, file=sys.stderr),
-               store=store).run()
-        counts, skipped = store.counts(), store.skipped_data()
+    # None: in this process; with --ray: Ray installed, the cluster reached, before anything is written
+    executor = _ray_pool(args)
+    try:
+        with RunStore.open(args.out, cfg.identity()) as store:
+            # with --ray the workers hold the model on their devices; the driver's copy (for the weights digest,
+            # the tokenizer and the plan) stays on the CPU
+            handle = _load(args) if executor is None else _load(args, device="cpu")
+            Runner(cfg, args.out, handle=handle, progress=not args.quiet, log=lambda m: print(m, file=sys.stderr),
+                   store=store, executor=executor).run()
+            counts, skipped = store.counts(), store.skipped_data()
+    finally:
+        if executor is not None:
+            executor.close()
     print(_table([{"experiment": e, "units stored": n} for e, n in sorted(counts.items())]))
     print(f"next: kneurons report {args.out}    kneurons export {args.out} --format csv")
     print(f"run complete in {time.time() - t:.0f}s: {args.out}" if not skipped else
           f"run complete in {time.time() - t:.0f}s with skipped data ({'; '.join(skipped)}; see the report): {args.out}")
     return 0
+
+
+def _ray_pool(args):
+    """``kneurons run --ray``'s pool of workers, or None without ``--ray``; Ray is imported only with it."""
+    if args.ray is None:
+        given = [f for f, v in (("--workers", args.workers), ("--gpus-per-worker", args.gpus_per_worker),
+                                ("--threads-per-worker", args.threads_per_worker)) if v is not None]
+        if given:
+            raise KneuronsError(f"{', '.join(given)} only apply with --ray")
+        return None
+    from .experiments.ray_pool import RayPool, import_ray
+
+    import_ray()  # a one-line error saying how to install it
+    pool = RayPool(args.ray, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+                   threads_per_worker=args.threads_per_worker or 1)
+    pool.connect()
+    return pool
+
+
+def _ray_address(text: str) -> str:
+    from .experiments.ray_pool import parse_address
+
+    try:
+        return parse_address(text)
+    except KneuronsError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--ray ")) from None
 
 
 def cmd_export(args) -> int:
@@ -707,6 +744,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(p, RunConfig)  # one option per RunConfig field: its help, default, range and choices
     p.add_argument("--out", required=True, help="run directory (created; rerun the same command to resume)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    ray = p.add_argument_group("Ray (pip install 'kneurons[ray]'): units computed by a pool of workers, each "
+                                "holding the model; same results, the store written here")
+    ray.add_argument("--ray", nargs="?", const="auto", default=None, type=_ray_address, metavar="ADDRESS",
+                     help="auto (the cluster of `ray start`; the default of a bare --ray), local:N (start a local "
+                          "cluster of N workers) or host:port / ray://host:port")
+    ray.add_argument("--workers", type=_int_in(1), default=None,
+                     help="workers (default: N of local:N, else the cluster's GPUs / --gpus-per-worker or CPUs / "
+                          "--threads-per-worker)")
+    ray.add_argument("--gpus-per-worker", type=_number(0.0), default=None,
+                     help="GPUs of each worker (default: 1 on a cluster with GPUs, else 0)")
+    ray.add_argument("--threads-per-worker", type=_int_in(1), default=None,
+                     help="torch threads (and Ray CPUs) of each worker (default 1)")
     p.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("export", help="a run's results as parquet or CSV tables, one per experiment")

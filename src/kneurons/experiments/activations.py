@@ -23,6 +23,7 @@ from ..prompts import pad_id
 from .common import FactItem, rng_for
 from ..data.bingrel import bingrel_filename, load_bingrel
 from .common import Experiment
+from .units import task
 
 BAGS = ("head_tail", "head_only", "random")
 
@@ -86,10 +87,21 @@ def bag_activations(handle, item: FactItem, neurons, bags, all_bags: list, fact_
                     n_sentences: int = 10, max_tokens: int = 128) -> list[dict]:
     """Rows per bag for one fact. ``bags``: this fact's :class:`~kneurons.data.bingrel.BingRelBags`;
     ``all_bags``: the relation's (for the random bag); ``fact_index``: this fact's index in it."""
+    return texts_activations(handle, bag_texts(item, bags, all_bags, fact_index, seed, n_sentences), neurons,
+                             max_tokens)
+
+
+def bag_texts(item: FactItem, bags, all_bags: list, fact_index: int, seed: int = 0,
+              n_sentences: int = 10) -> dict[str, list[str]]:
+    """The sentences of each bag for one fact (the random bag drawn from the relation's other facts, seeded)."""
     rng = rng_for(seed, "bingrel", item.fact_id)
     others = [s for j, b in enumerate(all_bags) if j != fact_index for s in b.th_bags]
-    texts = {"head_tail": bags.th_bags[:n_sentences], "head_only": bags.h_bags[:n_sentences],
-             "random": rng.sample(others, min(n_sentences, len(others)))}
+    return {"head_tail": bags.th_bags[:n_sentences], "head_only": bags.h_bags[:n_sentences],
+            "random": rng.sample(others, min(n_sentences, len(others)))}
+
+
+def texts_activations(handle, texts: dict[str, list[str]], neurons, max_tokens: int = 128) -> list[dict]:
+    """Rows per bag (:data:`BAGS`) of ``texts`` (as :func:`bag_texts` gives them) for ``neurons``."""
     rows = []
     for bag in BAGS:
         sents = [s for s in texts[bag] if s.strip()]
@@ -127,9 +139,9 @@ def run_activations(runner) -> None:
         for it in items:
             idx = int(it.fact_id.rsplit(":", 1)[1])
             kn = runner.sets.get(it.fact_id, {}).get("kn", [])
-            runner.unit("activations", it.fact_id, rid, lambda it=it, idx=idx, kn=kn: bag_activations(
-                runner.h, it, kn, bags[idx], bags, idx, seed=cfg.seed, n_sentences=cfg.bingrel_sentences,
-                max_tokens=cfg.max_tokens), bar)
+            texts = bag_texts(it, bags[idx], bags, idx, seed=cfg.seed, n_sentences=cfg.bingrel_sentences)
+            runner.unit("activations", it.fact_id, rid, task(texts_activations, texts, kn, cfg.max_tokens), bar)
+    runner.join()
     bar.close()
     store.set_meta("activations_missing_relations", missing)
     store.set_meta("activations_bad_files", bad)

@@ -15,6 +15,7 @@ from ..errors import KneuronsError
 from ..prompts import assess, encode
 from .common import FactItem, mean
 from .common import Experiment, fact_items, rng_for
+from .units import task
 
 
 KNOWN_AMONG = ("vocabulary", "candidates")
@@ -68,11 +69,41 @@ def assess_facts(handle, items: list[FactItem], known_fraction: float = 0.5, kno
 
 def run_assess(runner) -> None:
     """Facts of each relation in a seeded order, assessed in chunks until ``facts_per_relation`` known ones are
-    found (at most ``max_candidates`` tried); the known facts are the later experiments' facts."""
+    found (at most ``max_candidates`` tried); the known facts are the later experiments' facts. A relation's next
+    chunk is submitted when its previous one is stored (in process: at once, relation after relation; with a
+    pool of workers the relations' chunks are computed side by side)."""
     cfg, store = runner.cfg, runner.store
     causal = runner.h.is_causal
     skipped = {}
     bar = runner.bar(len(runner.data.relations) * cfg.facts_per_relation, "assess (known facts)")
+
+    def step(rid: str, chunks: list[list[FactItem]], k: int, cands) -> None:
+        """Assess chunk ``k`` of the relation (what is not stored yet), then go on with the next if needed."""
+        chunk = chunks[k]
+        todo = [it for it in chunk if not store.has("assess", it.fact_id)]
+
+        def stored(outcome=None) -> None:
+            if outcome is not None:
+                if outcome.error is not None:
+                    raise KneuronsError(outcome.error)
+                for it, row in zip(todo, outcome.rows):
+                    store.put("assess", it.fact_id, rid, [row])
+            known = runner.known[rid]
+            for it in chunk:
+                if store.get("assess", it.fact_id)[0]["known"] and len(known) < cfg.facts_per_relation:
+                    known.append(it)
+                    bar.update(1)
+            if len(known) < cfg.facts_per_relation and k + 1 < len(chunks):
+                step(rid, chunks, k + 1, cands)
+            else:
+                bar.update(cfg.facts_per_relation - len(known))
+
+        if todo:
+            runner.submit(task(assess_facts, todo, cfg.known_fraction, cfg.known_rank, cfg.known_among, cands,
+                               batch_size=cfg.assess_batch_size, label=f"assess {todo[0].fact_id}..."), stored)
+        else:
+            stored()
+
     for rid in runner.data.relations:
         rel = runner.data.relation(rid)
         usable = len(rel.causal_templates) if causal else len(rel.templates)
@@ -84,23 +115,14 @@ def run_assess(runner) -> None:
         rng_for(cfg.seed, "facts", rid).shuffle(order)
         order = order[: cfg.max_candidates]
         cands = runner.candidates(rid) if cfg.known_among == "candidates" else None
-        known = []
-        for start in range(0, len(order), 16):
-            chunk = fact_items(rel, causal, cfg.max_prompts, order[start: start + 16])
-            todo = [it for it in chunk if not store.has("assess", it.fact_id)]
-            if todo:
-                rows = assess_facts(runner.h, todo, cfg.known_fraction, cfg.known_rank, cfg.known_among, cands,
-                                    batch_size=cfg.assess_batch_size)
-                for it, row in zip(todo, rows):
-                    store.put("assess", it.fact_id, rid, [row])
-            for it in chunk:
-                if store.get("assess", it.fact_id)[0]["known"] and len(known) < cfg.facts_per_relation:
-                    known.append(it)
-                    bar.update(1)
-            if len(known) >= cfg.facts_per_relation:
-                break
-        bar.update(cfg.facts_per_relation - len(known))
-        runner.known[rid] = known
+        runner.known[rid] = []
+        chunks = [fact_items(rel, causal, cfg.max_prompts, order[start: start + 16])
+                  for start in range(0, len(order), 16)]
+        if chunks:
+            step(rid, chunks, 0, cands)
+        else:
+            bar.update(cfg.facts_per_relation)
+    runner.join()
     bar.close()
     store.set_meta("skipped_relations", skipped)
     store.set_meta("known_facts", {rid: [it.fact_id for it in v] for rid, v in runner.known.items()})

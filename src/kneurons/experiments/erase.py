@@ -17,6 +17,7 @@ from ..prompts import assess, perplexity_of
 from .assess import is_right
 from ..neurons import random_neurons
 from .common import Experiment, rng_for, stable_seed
+from .units import constant_rows, task
 
 
 def measure(handle, items: list[tuple[str, str, list[str] | None]], known_rank: int = 1,
@@ -70,11 +71,12 @@ def run_erase(runner) -> None:
     rule = {"known_rank": cfg.known_rank, "known_among": cfg.known_among, "batch_size": cfg.assess_batch_size}
     cands = {rid: runner.candidates(rid) if cfg.known_among == "candidates" else None for rid in runner.known}
     for rid in chosen:
-        def compute(rid=rid):
-            items = runner.known[rid]
-            sets = [runner.sets.get(it.fact_id, {}).get("kn", []) for it in items]
-            if not any(sets):
-                return [{"method": "kn", "n_neurons": 0, "skipped": "no knowledge neurons in the relation"}]
+        items = runner.known[rid]
+        sets = [runner.sets.get(it.fact_id, {}).get("kn", []) for it in items]
+        if not any(sets):
+            t = task(constant_rows, [{"method": "kn", "n_neurons": 0,
+                                      "skipped": "no knowledge neurons in the relation"}])
+        else:  # the prompts (other relations' facts seeded by the relation) chosen here; the edits in the task
             erased = [(p, it.object, cands[rid]) for it in items for p in it.prompts]
             r = rng_for(cfg.seed, "erase", rid)
             others = []
@@ -82,14 +84,19 @@ def run_erase(runner) -> None:
                 if orid != rid:
                     for it in r.sample(oitems, min(cfg.ppl_facts, len(oitems))):
                         others += [(p, it.object, cands[orid]) for p in it.prompts]
-            seed = stable_seed(cfg.seed, "erase-random", rid)
-            return erase_experiment(runner.h, sets, erased, others,
-                                    random_like=lambda n, exclude: random_neurons(runner.h, n, seed=seed,
-                                                                                   exclude=exclude).neurons,
-                                    top_k=cfg.erase_top_k, min_facts=cfg.erase_min_facts, mode=cfg.erase_mode,
-                                    **rule)
-        runner.unit("erase", rid, rid, compute, bar)
+            t = task(erase_with_random_control, sets, erased, others, stable_seed(cfg.seed, "erase-random", rid),
+                     top_k=cfg.erase_top_k, min_facts=cfg.erase_min_facts, mode=cfg.erase_mode, **rule)
+        runner.unit("erase", rid, rid, t, bar)
+    runner.join()
     bar.close()
+
+
+def erase_with_random_control(handle, neuron_sets: list[list], erased, others, random_seed: int,
+                              **kwargs) -> list[dict]:
+    """:func:`erase_experiment` with as many random neurons (seeded by ``random_seed``) as the control."""
+    return erase_experiment(handle, neuron_sets, erased, others,
+                            random_like=lambda n, exclude: random_neurons(handle, n, seed=random_seed,
+                                                                          exclude=exclude).neurons, **kwargs)
 
 
 EXPERIMENT = Experiment(

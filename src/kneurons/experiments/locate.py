@@ -18,6 +18,7 @@ from ..attribution import DEFAULT_BATCH_SIZE
 from ..neurons import activation_baseline, locate, random_neurons
 from .common import FactItem, mean, stable_seed
 from .common import Experiment
+from .units import task
 
 NEURON_SETS = ("kn", "activation", "random")  # the rows of each fact
 
@@ -92,10 +93,11 @@ def run_locate(runner) -> None:
     bar = runner.bar(len(items), "locate")
     extra = {"batch_size": cfg.batch_size} if cfg.batch_size else {}
     for it in items:
-        runner.unit("locate", it.fact_id, it.relation, lambda it=it: locate_fact(
-            runner.h, it, seed=cfg.seed, steps=cfg.steps, threshold=cfg.threshold, p=cfg.p,
+        runner.unit("locate", it.fact_id, it.relation, task(
+            locate_fact, it, seed=cfg.seed, steps=cfg.steps, threshold=cfg.threshold, p=cfg.p,
             min_prompts=cfg.min_prompts, adaptive=cfg.adaptive, activation_threshold=cfg.activation_threshold,
             score=cfg.score, method=cfg.method, foils=foils_for(runner, it), **extra), bar)
+    runner.join()
     bar.close()
     runner.load_sets()
 

@@ -25,6 +25,7 @@ from . import registry
 from .assess import KNOWN_AMONG
 from .common import FactItem
 from .store import RunStore
+from .units import InProcess, Outcome, Task
 
 DEFAULT_ERASE = ["P19", "P27", "P106", "P937"]
 #: settings that change results only by floating-point noise (chunking, placement): a run may be resumed with
@@ -153,9 +154,11 @@ class Runner:
     its units through :meth:`unit` (stored units are skipped, so a rerun resumes)."""
 
     def __init__(self, config: RunConfig, out, handle=None, progress: bool = True,
-                 log: Callable[[str], None] | None = None, store: RunStore | None = None):
+                 log: Callable[[str], None] | None = None, store: RunStore | None = None, executor=None):
         """``store``: the run store, already opened for ``config`` with :meth:`RunStore.open` (the CLI opens it —
-        lock, integrity and configuration checks — before loading the model); default: opened here."""
+        lock, integrity and configuration checks — before loading the model); default: opened here.
+        ``executor``: where units are computed (:mod:`kneurons.experiments.units`; default: in this process, on
+        ``handle``; :class:`~kneurons.experiments.ray_pool.RayPool`: a pool of Ray workers)."""
         config.check()
         self.cfg = config
         self.progress = progress
@@ -168,6 +171,7 @@ class Runner:
 
             handle = load_model(config.model, dtype=config.dtype, device=config.device)
         self.h = handle
+        self.executor = executor if executor is not None else InProcess()
         if store is not None and store.config != config.identity():
             raise KneuronsError(f"the run store {store.dir} was opened for another configuration")
         self.store = store if store is not None else RunStore.open(out, config.identity())
@@ -186,21 +190,31 @@ class Runner:
         """The relation's possible answers: its facts' objects."""
         return sorted({f.object for f in self.data.relation(rid).facts})
 
-    def unit(self, experiment: str, unit: str, relation: str, compute, bar=None) -> None:
-        """Store ``compute()``'s rows as ``experiment``'s result for ``unit`` unless it is stored already. A unit
-        the method cannot handle (a one-line :class:`KneuronsError`) is stored as its error; the run goes on."""
+    def submit(self, task: Task, done: Callable[[Outcome], None]) -> None:
+        """Compute ``task`` with the run's executor; ``done(outcome)`` runs here, in submission order (at once
+        in process; when the result is back with a pool — call :meth:`join` before reading what it stores)."""
+        self.executor.submit(task, done)
+
+    def join(self) -> None:
+        """Wait until every submitted task's callback has run."""
+        self.executor.join()
+
+    def unit(self, experiment: str, unit: str, relation: str, task: Task, bar=None) -> None:
+        """Store the rows of ``task`` (computed by the executor on its model) as ``experiment``'s result for
+        ``unit`` unless it is stored already. A unit the method cannot handle (a one-line :class:`KneuronsError`)
+        is stored as its error; the run goes on."""
         if self.store.has(experiment, unit):
             if bar is not None:
                 bar.update(1)
             return
-        t = time.perf_counter()
-        try:
-            rows = compute()
-        except KneuronsError as exc:
-            rows = [{"error": str(exc)}]
-        self.store.put(experiment, unit, relation, rows, time.perf_counter() - t)
-        if bar is not None:
-            bar.update(1)
+
+        def store(outcome: Outcome) -> None:
+            rows = outcome.rows if outcome.error is None else [{"error": outcome.error}]
+            self.store.put(experiment, unit, relation, rows, outcome.seconds)
+            if bar is not None:
+                bar.update(1)
+
+        self.submit(dataclasses.replace(task, label=task.label or f"{experiment} {unit}"), store)
 
     def all_known(self) -> list[FactItem]:
         return [it for items in self.known.values() for it in items]
@@ -224,8 +238,15 @@ class Runner:
             raise KneuronsError(f"{self.store.dir} was run with other weights of {self.cfg.model!r} (SHA-256 "
                                 f"{stored[:12]}…, now {digest[:12]}…); use another --out")
         self.store.set_meta("weights_digest", digest)
-        for experiment in registry.plan(self.cfg.experiments):
-            experiment.run(self)
+        try:
+            self.executor.start(self.h, self.cfg, digest, log=self.log)
+            self.store.set_meta("device", self.executor.device())  # where the units are computed
+            self.store.set_meta("executor", self.executor.description)
+            for experiment in registry.plan(self.cfg.experiments):
+                experiment.run(self)
+                self.join()
+        finally:
+            self.executor.close()
         if weights_digest(self.h.model) != digest:  # every edit must have been reverted
             raise KneuronsError("model weights differ after the run: an edit was not reverted (a bug)")
         self.store.set_meta("weights_restored", True)
@@ -234,6 +255,7 @@ class Runner:
         return self.store
 
 
-def run(config: RunConfig, out, handle=None, progress: bool = True, log=None) -> RunStore:
-    """Run (or resume) every configured experiment; returns the :class:`RunStore`."""
-    return Runner(config, out, handle=handle, progress=progress, log=log).run()
+def run(config: RunConfig, out, handle=None, progress: bool = True, log=None, executor=None) -> RunStore:
+    """Run (or resume) every configured experiment; returns the :class:`RunStore`. ``executor``: where units
+    are computed (default: in this process; a :class:`~kneurons.experiments.ray_pool.RayPool` for Ray)."""
+    return Runner(config, out, handle=handle, progress=progress, log=log, executor=executor).run()

@@ -14,6 +14,7 @@ from __future__ import annotations
 from ..interventions import measure_intervention, score
 from .common import FactItem, mean
 from .common import Experiment, controls_for
+from .units import task
 
 OPS = {"suppress": 0.0, "amplify": 2.0}
 GROUPS = ("fact", "same_relation", "other_relation")
@@ -65,9 +66,10 @@ def run_suppress(runner) -> None:
         sets = dict(runner.sets.get(it.fact_id, {}))
         if sets.get("kn"):
             sets["fact_specific"] = [n for n in sets["kn"] if n not in set(relation.get(it.relation, []))]
-        runner.unit("suppress", it.fact_id, it.relation, lambda it=it, sets=sets: intervene_fact(
-            runner.h, it, sets, controls_for(it, known, cfg.seed, cfg.control_facts, cfg.control_prompts),
+        runner.unit("suppress", it.fact_id, it.relation, task(
+            intervene_fact, it, sets, controls_for(it, known, cfg.seed, cfg.control_facts, cfg.control_prompts),
             batch_size=cfg.assess_batch_size), bar)
+    runner.join()
     bar.close()
 
 

@@ -21,8 +21,8 @@ from collections import Counter
 from ..interventions import target_vectors, update_fact
 from ..prompts import assess, perplexity_of
 from .common import FactItem, mean
-from ..errors import KneuronsError
 from .common import Experiment, rng_for
+from .units import constant_rows, refuse, task
 
 
 def shared_by_more_than(neuron_sets, fraction: float | None) -> set:
@@ -100,22 +100,21 @@ def run_update(runner) -> None:
             kn = [n for n in kn_sets[it.fact_id] if n not in drop]
             rnd = runner.sets.get(it.fact_id, {}).get("random", [])[: len(kn)]
             others = [o for o in objects if o != it.object]
-
-            def compute(it=it, kn=kn, rnd=rnd, others=others, rid=rid):
-                if not kn:
-                    return [{"method": "kn", "n_neurons": 0, "skipped": "no knowledge neurons to edit"}]
-                if not others:
-                    raise KneuronsError(f"relation {rid} has no other answer to update to")
+            if not kn:
+                t = task(constant_rows, [{"method": "kn", "n_neurons": 0, "skipped": "no knowledge neurons to edit"}])
+            elif not others:
+                t = task(refuse, f"relation {rid} has no other answer to update to")
+            else:  # the new answer and the control prompts, seeded by the fact, chosen here; the edit in the task
                 new = rng_for(cfg.seed, "update", it.fact_id).choice(others)
                 r = rng_for(cfg.seed, "update-controls", it.fact_id)
                 same = [k for k in known if k.relation == rid and k.fact_id != it.fact_id]
                 other = [k for k in known if k.relation != rid]
                 intra = runner.ppl_pairs(r.sample(same, min(cfg.ppl_facts, len(same))))
                 inter = runner.ppl_pairs(r.sample(other, min(cfg.ppl_facts, len(other))))
-                return update_experiment(runner.h, it, new, {"kn": kn, "random": rnd}, intra, inter,
-                                         cfg.update_lambda1, cfg.update_lambda2, cfg.assess_batch_size,
-                                         space=cfg.update_space, method=cfg.update_method)
-            runner.unit("update", it.fact_id, rid, compute, bar)
+                t = task(update_experiment, it, new, {"kn": kn, "random": rnd}, intra, inter, cfg.update_lambda1,
+                         cfg.update_lambda2, cfg.assess_batch_size, space=cfg.update_space, method=cfg.update_method)
+            runner.unit("update", it.fact_id, rid, t, bar)
+    runner.join()
     bar.close()
 
 
