@@ -49,6 +49,7 @@ def main(argv=None) -> int:
     ap.add_argument("--kl", type=float, default=None, help="optimize: weight of the preservation term")
     ap.add_argument("--steps", type=int, default=None, help="optimize: at most this many steps")
     ap.add_argument("--preserve", type=int, default=4, help="optimize: preserved prompts per case")
+    ap.add_argument("--methods", nargs="+", default=None, help="edit methods (default: all of EDIT_METHODS)")
     args = ap.parse_args(argv)
 
     import json
@@ -68,7 +69,9 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     settings = OptimizeSettings(**{k: v for k, v in (("kl", args.kl), ("steps", args.steps)) if v is not None})
-    setup = {"cases": args.cases, "model": args.model, "settings": str(settings), "preserve": args.preserve}
+    methods = tuple(args.methods or EDIT_METHODS)
+    setup = {"cases": args.cases, "model": args.model, "settings": str(settings), "preserve": args.preserve,
+             "methods": list(methods)}
     if (out / "setup.json").exists() and json.loads((out / "setup.json").read_text()) != setup:
         raise SystemExit(f"{out} holds a run with other settings: {(out / 'setup.json').read_text()}")
     atomic_write(out / "setup.json", lambda tmp: tmp.write_text(json.dumps(setup)), overwrite=True)
@@ -110,7 +113,7 @@ def main(argv=None) -> int:
         done_ids = set(df["case_id"].astype(str)) if len(df) else set()
         todo = [c for c in cases if str(c.case_id) not in done_ids]
         for k in range(0, len(todo), 5):  # phase 2: edits, five cases at a time
-            chunk = evaluate_edits(h, todo[k: k + 5], methods=EDIT_METHODS, settings=settings,
+            chunk = evaluate_edits(h, todo[k: k + 5], methods=methods, settings=settings,
                                    n_preserve=args.preserve, located=found, common=common, pool=cases)
             chunk["elapsed"] = time.perf_counter() - t
             df = pd.concat([df, chunk], ignore_index=True)

@@ -34,6 +34,8 @@ def test_relation_neurons_count_facts_above_q(tmp_path):
     assert rel.neurons == [(1, 2)]  # in 3 of 4 facts; (3, 4) is in exactly half: not more than q
     assert rel.method == "relation" and rel.params["facts"] == 4 and rel.params["fact_counts"] == [[1, 2, 3]]
     assert relation_neurons(sets, q=0.25).neurons == [(1, 2), (3, 4)]
+    assert relation_neurons(sets, q=0.1).neurons == [(1, 2), (3, 4)]  # (2, 2), (2, 5): one fact each, no relation's
+    assert relation_neurons(sets, q=0.1, min_facts=1).neurons == [(1, 2), (2, 2), (2, 5), (3, 4)]
     assert relation_neurons(sets, q=0.5, level="coarse").neurons == [(0, 0)]  # coarse in 3 facts' prompts
     back = KnowledgeNeurons.load(rel.save(tmp_path / "rel.json"))
     assert back.neurons == rel.neurons and back.method == "relation" and back.params == rel.params

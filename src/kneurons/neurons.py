@@ -364,9 +364,10 @@ def random_neurons(handle, like: KnowledgeNeurons | int, seed: int = 0, same_lay
 # ------------------------------------------------------------------------------------ relation neurons
 
 def relation_neurons(neuron_sets: Sequence[KnowledgeNeurons], q: float = 0.5, level: str = "refined",
-                     relation: str = "") -> KnowledgeNeurons:
+                     relation: str = "", min_facts: int = 2) -> KnowledgeNeurons:
     """Neurons of a relation rather than of one fact: those found for more than a fraction ``q`` of the
-    relation's facts (``neuron_sets``: each fact's :class:`KnowledgeNeurons`, from :func:`locate`). ``level``:
+    relation's facts and for at least ``min_facts`` of them (a neuron of one fact is no relation neuron, however
+    few the facts; ``neuron_sets``: each fact's :class:`KnowledgeNeurons`, from :func:`locate`). ``level``:
     ``"refined"`` counts a fact's refined neurons, ``"coarse"`` the neurons coarse in any of its prompts.
 
     A :class:`KnowledgeNeurons` (``method="relation"``; ``params`` has ``q``, ``level``, the number of facts and
@@ -378,6 +379,8 @@ def relation_neurons(neuron_sets: Sequence[KnowledgeNeurons], q: float = 0.5, le
         raise KneuronsError(f"level must be 'refined' or 'coarse', got {level!r}")
     if len(sets) < 2:
         raise KneuronsError(f"relation neurons need the neuron sets of at least 2 facts, got {len(sets)}")
+    if isinstance(min_facts, bool) or not isinstance(min_facts, int) or min_facts < 1:
+        raise KneuronsError(f"min_facts must be an integer >= 1, got {min_facts!r}")
     for k, kn in enumerate(sets):
         if not isinstance(kn, KnowledgeNeurons):
             raise KneuronsError(f"neuron set {k} is not a KnowledgeNeurons result (from locate)")
@@ -389,8 +392,8 @@ def relation_neurons(neuron_sets: Sequence[KnowledgeNeurons], q: float = 0.5, le
         return set(kn.neurons) if level == "refined" else {n for c in kn.coarse for n in map(tuple, c)}
 
     counts = Counter(n for kn in sets for n in of(kn))
-    chosen = sorted(n for n, c in counts.items() if c > q * len(sets))
-    params = {"q": q, "level": level, "relation": relation, "facts": len(sets),
+    chosen = sorted(n for n, c in counts.items() if c > q * len(sets) and c >= min_facts)
+    params = {"q": q, "min_facts": min_facts, "level": level, "relation": relation, "facts": len(sets),
               "targets": [kn.target for kn in sets], "fact_counts": [[l, i, counts[(l, i)]] for l, i in chosen],
               "from_method": sorted({kn.method for kn in sets})}
     return KnowledgeNeurons(chosen, [], "", [], [], params, dict(sets[0].model), "relation")
