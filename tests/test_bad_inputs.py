@@ -554,6 +554,12 @@ def test_edit_revert_twice_and_out_of_order_overlap():
 
 # ------------------------------------------------------------------------------------------- process level
 
+def default_sigint() -> None:
+    """In the child, before exec: Ctrl-C's default action. A suite started in the background of a shell without job
+    control inherits SIGINT ignored, and Python then keeps it ignored: the command would never see the signal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _console(*args) -> list[str]:
     return [os.path.join(os.path.dirname(sys.executable), "kneurons"), *args]
 
@@ -574,7 +580,7 @@ def test_interrupt_at_start_up_or_while_computing(env, tmp_path, sig, code, word
     save = tmp_path / "kn.json"
     proc = subprocess.Popen(_console("locate", "--model", paths["model"], "-t", "paris", "--steps", "10000",
                                      "--save", str(save), *PROMPTS), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path, preexec_fn=default_sigint)
     time.sleep(delay)
     assert proc.poll() is None, "the command ended before the signal"
     proc.send_signal(sig)

@@ -383,7 +383,8 @@ def test_serve_prints_its_url_and_stops_cleanly_on_ctrl_c(tmp_path):
     word_tokenizer("causal").save_pretrained(model)
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "kneurons", "serve", "--model", str(model), "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # not inherited SIG_IGN
     try:
         line = proc.stdout.readline()  # printed once the model is loaded and the app built
         m = re.search(r"(http://127\.0\.0\.1:\d+/)", line)
