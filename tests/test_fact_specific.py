@@ -92,9 +92,7 @@ def test_erase_given_relation_neurons_and_revert():
 def _changed_slots(h, before):
     """(layer, neuron) of every value slot that differs from ``before``, and whether anything else changed."""
     changed, other = set(), False
-    after = {k: v for k, v in h.model.state_dict().items()}
-    slots = {h.arch.value_slots(l).data_ptr(): l for l in range(h.n_layers)}
-    for name, v in after.items():
+    for name, v in h.model.state_dict().items():
         if torch.equal(v, before[name]):
             continue
         layer = next((l for l in range(h.n_layers) if v.data_ptr() == h.arch.ffn_out[l].weight.data_ptr()), None)
@@ -103,7 +101,6 @@ def _changed_slots(h, before):
             continue
         diff = (h.arch.value_slots(layer) != (before[name] if h.arch.transposed else before[name].t())).any(-1)
         changed |= {(layer, int(i)) for i in diff.nonzero()[:, 0]}
-    del slots
     return changed, other
 
 
@@ -156,10 +153,12 @@ def test_optimize_bound_is_respected_and_layer_baseline_runs():
 def test_optimize_failure_leaves_the_model_unedited():
     h = handle_for("gpt2")
     digest = weights_digest(h.model)
+    h.model.train()
+    flags = [p.requires_grad for p in h.model.parameters()]
     with pytest.raises(KneuronsError):  # a preservation prompt without a blank: refused inside the search
         update_fact(h, [(0, 1)], "paris", "rome", method="optimize", prompts=[PROMPT], locality=["no blank here"])
     assert weights_digest(h.model) == digest and not applied_edits(h)
-    assert all(not p.requires_grad or True for p in h.model.parameters())
+    assert [p.requires_grad for p in h.model.parameters()] == flags and h.model.training  # both restored
 
 
 @pytest.mark.parametrize("kw, match", [

@@ -54,7 +54,7 @@ from typing import Iterable, Sequence
 import torch
 
 from .errors import KneuronsError
-from .hooks import ffn_hooks, register_blank_hook, unregister_blank_hook
+from .hooks import ffn_hooks, frozen_parameters, register_blank_hook, unregister_blank_hook
 from .prompts import assess, encode, perplexity_of
 
 from .neurons import Neuron, as_neurons, check_neurons  # noqa: E402
@@ -583,7 +583,7 @@ def _optimized_deltas(handle, nrns: list[Neuron], new_target: str, prompts: Sequ
     hooks = [arch.ffn_out[l].register_forward_hook(adder(l)) for l in by_layer]
     info = {"steps_taken": 0, "success": False}
     try:
-        with _gradients_on(), frozen_weights(handle.model):
+        with _gradients_on(), _search_mode(handle.model):
             # Adam moves every coordinate by about lr: lr / sqrt(width) moves a slot by about lr x its norm
             opt = torch.optim.Adam(list(z.values()), lr=cfg.lr / math.sqrt(arch.d_model))
             for step in range(cfg.steps + 1):
@@ -626,18 +626,15 @@ def _optimized_deltas(handle, nrns: list[Neuron], new_target: str, prompts: Sequ
 
 
 @contextlib.contextmanager
-def frozen_weights(model):
-    """Parameters without gradients for the block (restored after): only the search's own tensors get them."""
-    flags = [(p_, p_.requires_grad) for p_ in model.parameters()]
+def _search_mode(model):
+    """Eval mode and no parameter gradients for the search (:func:`kneurons.hooks.frozen_parameters`): only the
+    search's own tensors get gradients; the train/eval mode is restored after."""
     was_training = model.training
     try:
-        for p_, _ in flags:
-            p_.requires_grad_(False)
         model.eval()
-        yield
+        with frozen_parameters(model):
+            yield
     finally:
-        for p_, f in flags:
-            p_.requires_grad_(f)
         model.train(was_training)
 
 
