@@ -9,6 +9,7 @@ import math
 import random
 import re
 import shutil
+import statistics
 import subprocess
 import tempfile
 from pathlib import Path
@@ -183,6 +184,20 @@ def check_summary_against_tables(run_dir: Path, s: dict) -> int:
                     ctl = sup[(sup["op"] == op) & (sup["method"] == m) & (sup["group"] == g)]
                     _close(s["suppress"]["ops"][op][m][g]["all_facts"], ctl["rel_change"].mean(), f"{op} {m} {g}")
                     checked += 1
+                # per fact: |fact| / |same relation| of each fact that has both rows, written out with a loop
+                ratios, beyond = [], 0
+                for unit, f in zip(sub["unit"], sub["rel_change"]):
+                    same = sup[(sup["op"] == op) & (sup["method"] == m) & (sup["group"] == "same_relation") &
+                               (sup["unit"] == unit)]["rel_change"]
+                    if len(same) and math.isfinite(f) and math.isfinite(same.iloc[0]):
+                        ratios.append(abs(f) / max(abs(same.iloc[0]), 1e-12))
+                        beyond += abs(f) > abs(same.iloc[0])
+                cell = s["suppress"]["ops"][op][m]
+                _close(cell.get("relation_specificity_median"), statistics.median(ratios) if ratios else None,
+                       f"{op} {m} per-fact median")
+                assert (cell.get("facts_beyond_relation"), cell.get("facts_paired")) == \
+                    ((beyond, len(ratios)) if ratios else (None, None))
+                checked += 1
 
     act = _good(t["activations"])
     for bag in ("head_tail", "head_only", "random"):

@@ -243,7 +243,24 @@ def suppress_section(d: RunData, issues: dict) -> dict:
             fact, same = (cells.get(g, {}).get("all_facts") for g in ("fact", "same_relation"))
             if cells and fact is not None and same is not None and math.isfinite(fact) and math.isfinite(same):
                 cells["relation_specificity"] = abs(fact) / max(abs(same), 1e-12)  # fact ÷ same relation
+            if cells and "rel_change" in df:
+                cells.update(_per_fact_specificity(df[(df["op"] == op) & (df["method"] == m)]))
     return out
+
+
+def _per_fact_specificity(df: pd.DataFrame) -> dict:
+    """Fact ÷ same relation for each fact with both groups: the median ratio, and how many facts moved more than
+    their relation's other facts (a mean of ratios is dominated by facts whose controls barely moved)."""
+    wide = df.pivot_table(index="unit", columns="group", values="rel_change", aggfunc="mean")
+    if "fact" not in wide or "same_relation" not in wide:
+        return {}
+    both = wide[["fact", "same_relation"]].dropna()
+    both = both[both.map(math.isfinite).all(axis=1)]
+    if not len(both):
+        return {}
+    f, c = both["fact"].abs(), both["same_relation"].abs()
+    return {"relation_specificity_median": float((f / c.clip(lower=1e-12)).median()),
+            "facts_beyond_relation": int((f > c).sum()), "facts_paired": len(both)}
 
 
 def activations_section(d: RunData, issues: dict) -> dict:
@@ -373,6 +390,9 @@ def _compare(s: dict) -> list[dict]:
         add("suppress", f"relation_specificity_{m}", f"suppress: fact ÷ same relation, {names[m]}",
             _g(sup, "ops", "suppress", m, "relation_specificity"), None, "count",
             _g(sup, "ops", "suppress", m, "fact", "n_facts"))
+        add("suppress", f"relation_specificity_median_{m}", f"suppress: fact ÷ same relation per fact (median), "
+            f"{names[m]}", _g(sup, "ops", "suppress", m, "relation_specificity_median"), None, "count",
+            _g(sup, "ops", "suppress", m, "facts_paired"))
     for bag in BAGS:
         add("activations", bag, f"mean activation, {bag.replace('_', '-')} sentences",
             _g(act, "bags", bag, "all_facts"), PAPER["activations"][bag], "activation",

@@ -262,13 +262,18 @@ def suppress_html(s: dict, figs: dict) -> str:
                          fmt(f.get("mean_of_relations"), "fraction"), fmt(paper, "fraction"),
                          fmt(c.get("same_relation", {}).get("all_facts"), "fraction"),
                          fmt(c.get("other_relation", {}).get("all_facts"), "fraction"),
-                         fmt(c.get("relation_specificity"), "count")])
+                         fmt(c.get("relation_specificity"), "count"),
+                         fmt(c.get("relation_specificity_median"), "count"),
+                         f"{c['facts_beyond_relation']}/{c['facts_paired']}" if "facts_paired" in c else NA])
     out.append(table(["op", "method", "facts", "neurons per fact", "p(answer) before → after",
                       "Δp/p fact (all facts)", "Δp/p fact (mean of relations)", "paper",
-                      "Δp/p same relation", "Δp/p other relations", "fact ÷ same relation"], rows, left=2,
+                      "Δp/p same relation", "Δp/p other relations", "fact ÷ same relation",
+                      "per fact: median ratio", "per fact: |fact| > |same|"], rows, left=2,
                      paper_cols=(7,)))
     out.append('<p class="note">fact ÷ same relation (relation specificity): |Δp/p of the fact| ÷ |Δp/p of other '
-               "facts of the same relation|; about 1 for neurons of the relation, large for neurons of the fact. "
+               "facts of the same relation| (of the means over all facts); about 1 for neurons of the relation, large for "
+               "neurons of the fact. Per fact: the same ratio for each fact and its own same-relation controls — "
+               "the median, and the facts whose own change is larger than their controls' (of the facts with both). "
                "Fact-specific neurons are a fact's knowledge neurons minus its relation's (found for more than "
                "relation_q of the relation's facts).</p>")
     missing = [m for m in ("kn", "random") if not any(m in ops[o] for o in ops)]
