@@ -13,6 +13,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -344,6 +345,10 @@ CLI_CASES = [
      "local:N needs N >= 1"),
     ("run: --ray not an address", ["run", *M, "--data", "{data}", "--out", "{cwd}/r", "--ray", "my cluster"],
      "argument --ray"),
+    ("run: --ray auto without a cluster", ["run", *M, "--data", "{data}", "--out", "{cwd}/r", "--ray", "auto"],
+     "no Ray cluster at --ray auto"),
+    ("run: --ray HOST:PORT where nothing listens", ["run", *M, "--data", "{data}", "--out", "{cwd}/r", "--ray",
+                                                   "127.0.0.1:{freeport}"], "(Connection refused)"),
     ("run: --workers without --ray", ["run", *M, "--data", "{data}", "--out", "{cwd}/r", "--workers", "2"],
      "only apply with --ray"),
     ("run: --workers 0", ["run", *M, "--data", "{data}", "--out", "{cwd}/r", "--ray", "local:2", "--workers", "0"],
@@ -443,7 +448,7 @@ def _refused_in_one_line(env, argv, fragment, capsys, monkeypatch, tmp_path):
     cwd.mkdir()
     monkeypatch.chdir(cwd)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    argv = [a.format(**paths, cwd=cwd) for a in argv]
+    argv = [a.format(**paths, cwd=cwd, freeport=_free_port()) for a in argv]
     before = _snapshot(root)
     code = main(argv)
     out, err = capsys.readouterr()
@@ -453,6 +458,13 @@ def _refused_in_one_line(env, argv, fragment, capsys, monkeypatch, tmp_path):
     assert len(errors) == 1 and fragment in errors[0], err
     assert not [line for line in err.splitlines() if line and not line.startswith(("kneurons:", "model: "))], err
     assert _snapshot(root) == before  # nothing created, changed or removed
+
+
+def _free_port() -> int:
+    """A TCP port of this machine where nothing listens (just released by the system)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_enough_cases():

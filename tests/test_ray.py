@@ -176,10 +176,15 @@ def test_a_unit_whose_worker_always_dies_stops_the_run_naming_it(synthetic_run, 
     from ray import cloudpickle
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test module
-    h = load_model(str(synthetic_run / "model"))
     pool = RayPool(None, workers=1, gpus_per_worker=0, retries=1)
-    pool.start(h, config(synthetic_run), weights_digest(h.model))
+    pool.launch(config(synthetic_run))  # as the CLI does: the worker loads the model while the driver loads its copy
     try:
+        assert len(pool.slots) == 1 and pool.slots[0].info == {}  # launched, not waited for
+        h = load_model(str(synthetic_run / "model"))
+        with pytest.raises(KneuronsError, match="launched for"):  # workers hold one model spec
+            pool.start(h, config(synthetic_run, dtype="float64"), weights_digest(h.model))
+        pool.start(h, config(synthetic_run), weights_digest(h.model))
+        assert pool.slots[0].info["digest"] == weights_digest(h.model)
         pool.submit(task(_die, 3, label="locate born_in:7"), lambda outcome: pytest.fail("no outcome expected"))
         with pytest.raises(KneuronsError, match=r"^unit locate born_in:7 failed 2 times: its Ray worker died each "
                                                 r"time \(last on node "):

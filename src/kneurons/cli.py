@@ -450,8 +450,10 @@ def cmd_run(args) -> int:
     executor = _ray_pool(args)
     try:
         with RunStore.open(args.out, cfg.identity()) as store:
-            # with --ray the workers hold the model on their devices; the driver's copy (for the weights digest,
-            # the tokenizer and the plan) stays on the CPU
+            # with --ray the workers hold the model on their devices, and load it while the driver loads its copy
+            # (for the weights digest, the tokenizer and the plan), which stays on the CPU
+            if executor is not None:
+                executor.launch(cfg)
             handle = _load(args) if executor is None else _load(args, device="cpu")
             Runner(cfg, args.out, handle=handle, progress=not args.quiet, log=lambda m: print(m, file=sys.stderr),
                    store=store, executor=executor).run()

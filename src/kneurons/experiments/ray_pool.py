@@ -170,6 +170,7 @@ class RayPool:
                      logging_level="warning", configure_logging=True)
             self.owns_ray = True
         else:
+            _probe(self.address)
             try:
                 ray.init(address=self.address, include_dashboard=False, log_to_driver=False,
                          logging_level="warning")
@@ -194,19 +195,31 @@ class RayPool:
         if self.max_in_flight is None:
             self.max_in_flight = 2 * self.depth * n
 
-    def start(self, handle, config, digest: str, log=None) -> None:
-        """Start the workers (connecting first if needed) and check each one's weights against ``digest``."""
-        self.log = log or self.log
+    def launch(self, config) -> None:
+        """Start the workers' processes, which load the model, without waiting for them (connecting first if
+        needed): the CLI calls it before the driver loads its own copy, so that both loads overlap.
+        :meth:`start` launches them if this was not called."""
         if self.ray is None:
             self.connect()
-        gpus, n = self.gpus, self.workers
         device = config.device
-        if gpus and (device is None or str(device).startswith("cuda")):
+        if self.gpus and (device is None or str(device).startswith("cuda")):
             device = "cuda"  # the GPU Ray assigned (CUDA_VISIBLE_DEVICES)
-        self.spec = (config.model, config.dtype, device, self.threads)
+        spec = (config.model, config.dtype, device, self.threads)
+        if self.slots:
+            if spec != self.spec:
+                raise KneuronsError(f"the Ray workers were launched for {self.spec}, not {spec} (a bug)")
+            return
+        self.spec = spec
+        self.slots = [_Slot(self._new_actor(), {}) for _ in range(self.workers)]  # (stopped by close())
+
+    def start(self, handle, config, digest: str, log=None) -> None:
+        """Wait for the workers (launching them first if needed) and check each one's weights against
+        ``digest``; a worker that cannot load the model, or loaded other weights, refuses the run by name."""
+        self.log = log or self.log
+        self.launch(config)
+        gpus, n = self.gpus, self.workers
         self.digest = digest
         self.driver_handle = handle
-        self.slots = [_Slot(self._new_actor(), {}) for _ in range(n)]  # (stopped by close() if refused)
         infos = self._ready([s.actor for s in self.slots])
         for s, info in zip(self.slots, infos):
             s.info = info
@@ -363,6 +376,28 @@ class RayPool:
             ray.shutdown()
             self.owns_ray = False
         self.ray = None
+
+
+#: how long a cluster address may take to accept a TCP connection before it is refused
+PROBE_TIMEOUT = 10.0
+
+
+def _probe(address: str) -> None:
+    """Refuse at once a ``host:port`` (or ``ray://host:port``) where nothing accepts a connection: Ray itself
+    retries such an address for minutes. ``auto`` is left to Ray (it fails at once without a cluster)."""
+    if address == "auto":
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    host = host.strip("[]")  # an IPv6 literal
+    try:
+        socket.create_connection((host, int(port)), timeout=PROBE_TIMEOUT).close()
+    except OSError as exc:
+        if isinstance(exc, TimeoutError):
+            reason = f"no answer within {PROBE_TIMEOUT:g}s"
+        else:
+            reason = exc.strerror or type(exc).__name__
+        raise KneuronsError(f"no Ray cluster at --ray {address} ({reason}); start one with `ray start --head`, "
+                            f"or use --ray local:N") from None
 
 
 def _resources(res: dict) -> str:
