@@ -109,8 +109,9 @@ def test_driver_killed_then_rerun_resumes_to_the_same_result(synthetic_run, tmp_
     killed_at = _units(out / DATABASE)
     total = sum(RunStore(synthetic_run / "run").counts().values())
     assert 64 + 3 <= killed_at < total  # assess done, some facts located
-    done = subprocess.run(args, capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=600,
-                          start_new_session=True)
+    # local:N starts its own cluster even where RAY_ADDRESS names another one (here: an address nothing serves)
+    done = subprocess.run(args, capture_output=True, text=True, env={**ENV, "RAY_ADDRESS": "127.0.0.1:9"},
+                          cwd=ROOT, timeout=600, start_new_session=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "ray: units computed by 2 Ray workers" in done.stderr
     assert _units(out / DATABASE) == total

@@ -166,7 +166,8 @@ class RayPool:
             raise KneuronsError("this process is already connected to Ray: use RayPool(address=None)")
         elif local:
             n = int(self.address.split(":")[1])
-            ray.init(num_cpus=n * self.threads, include_dashboard=False, log_to_driver=False,
+            # address "local": a new cluster even where RAY_ADDRESS or a `ray start` cluster would be joined
+            ray.init(address="local", num_cpus=n * self.threads, include_dashboard=False, log_to_driver=False,
                      logging_level="warning", configure_logging=True)
             self.owns_ray = True
         else:
