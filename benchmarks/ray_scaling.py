@@ -6,8 +6,9 @@
 Trains the tests' tiny synthetic world (GPT-2 type, 4 relations; one thread, ~20 s), saves it, then in this one
 process, every compute on one torch thread:
 
-- overhead: the whole run (every experiment) in process vs with ``RayPool("local:1")`` (1 worker); the Ray run's
-  wall time with and without its start-up (cluster + worker start, model load, digest check), and per phase;
+- overhead: the whole run (model load and every experiment, as ``kneurons run`` does it) in process vs with
+  ``RayPool("local:1")`` (1 worker, launched before the driver loads its model); per phase, and Ray's fixed costs
+  (starting the local cluster, waiting for the worker, stopping it);
 - scaling: the locate phase (timed inside ``--experiments assess locate``) with 1 worker vs 2
   workers: facts per hour, and the driver's own CPU time (``time.process_time``) over the phase's wall time
   while the 2 workers run.
@@ -57,12 +58,24 @@ class Timed:
 
 
 class TimedPool(RayPool):
-    """A pool that remembers how long its start took."""
+    """A pool that remembers how long its fixed costs took: connecting (for ``local:N``: starting the cluster),
+    waiting for the workers once the driver is ready (what their start and model load did not overlap), closing
+    (stopping the workers and the local cluster)."""
+
+    def connect(self):
+        t = time.perf_counter()
+        super().connect()
+        self.connect_seconds = time.perf_counter() - t
 
     def start(self, *a, **kw):
         t = time.perf_counter()
         super().start(*a, **kw)
         self.start_seconds = time.perf_counter() - t
+
+    def close(self):
+        t = time.perf_counter()
+        super().close()
+        self.close_seconds = time.perf_counter() - t
 
 
 def main() -> None:
@@ -79,13 +92,18 @@ def main() -> None:
     cfg = RunConfig(model=str(base / "model"), data=str(base / "data"), facts_per_relation=args.facts,
                     steps=args.steps, erase_relations=["born_in", "speaks"], erase_top_k=5, min_prompts=2,
                     max_candidates=30)
-    h = load_model(cfg.model)
     timed = Timed()
 
     def one(out, executor=None, **kw):
+        """The whole command as ``kneurons run`` does it: (with Ray: connect, launch the workers,) load the
+        driver's model, run every phase (with Ray: wait for the workers, check their weights; close the pool)."""
         c = dataclasses.replace(cfg, **kw)
         timed.reset()
         t = time.perf_counter()
+        if executor is not None:
+            executor.connect()
+            executor.launch(c)
+        h = load_model(c.model, device="cpu")
         st = run(c, base / out, handle=h, progress=False, executor=executor)
         wall = time.perf_counter() - t
         n = st.counts()
@@ -100,8 +118,9 @@ def main() -> None:
             pool = TimedPool("local:1", threads_per_worker=1) if name != "in process" else None
             wall, ph, _, n = one(f"all-{name[:3]}-{r}", pool)
             if name not in best or wall < best[name][0]:
-                best[name] = (wall, ph, n, pool.start_seconds if pool else 0.0)
-    (w0, ph0, n0, _), (w1, ph1, n1, start1) = best["in process"], best["ray 1 worker"]
+                best[name] = (wall, ph, n, (pool.connect_seconds, pool.start_seconds, pool.close_seconds)
+                              if pool else None)
+    (w0, ph0, n0, _), (w1, ph1, n1, (conn1, start1, close1)) = best["in process"], best["ray 1 worker"]
     assert n0 == n1, (n0, n1)
     print(f"\n## overhead: the whole run ({sum(n0.values())} units), in process vs 1 Ray worker (best of "
           f"{args.repeats}, interleaved)")
@@ -110,8 +129,9 @@ def main() -> None:
         print(f"{name:<12} {ph0[name]:>12.1f} {ph1[name]:>15.1f} {ph1[name] / ph0[name]:>6.2f}")
     print(f"{'all phases':<12} {sum(ph0.values()):>12.1f} {sum(ph1.values()):>15.1f} "
           f"{sum(ph1.values()) / sum(ph0.values()):>6.2f}")
-    print(f"{'whole run':<12} {w0:>12.1f} {w1:>15.1f} {w1 / w0:>6.2f}   (Ray start-up {start1:.1f} s of it: "
-          f"cluster, worker, model load, digest check)")
+    print(f"{'whole run':<12} {w0:>12.1f} {w1:>15.1f} {w1 / w0:>6.2f}   (model load and every phase)")
+    print(f"Ray's fixed costs in the whole run: start the local cluster {conn1:.1f} s, wait for the worker after the "
+          f"driver's own load {start1:.1f} s, stop it {close1:.1f} s")
 
     print(f"\n## scaling: the locate phase, 1 vs 2 workers (1 thread each; best of {args.repeats}, interleaved)")
     rows = {}
