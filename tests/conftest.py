@@ -1,9 +1,19 @@
 import os
+import platform
 import sys
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
+
+# The suite trains tiny models (tests/worlds.py, the synthetic_run fixture) and asserts what they learned. Their
+# training is deterministic on one machine, but ATen picks its vectorised kernels (softmax, norms, reductions) by the
+# CPU: on an AVX-512 machine the same seeds trained other models than on an AVX2 one (the masked world model learned
+# its facts worse, and thin-margin claims flipped). Pinning ATen's AVX2 kernels — before torch is imported, for this
+# process and the commands and Ray workers it starts — makes them the same models on both kinds of x86-64 machine.
+# An explicit ATEN_CPU_CAPABILITY is kept.
+if platform.machine().lower() in ("x86_64", "amd64"):
+    os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
 
 
 @pytest.fixture

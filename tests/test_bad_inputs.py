@@ -602,6 +602,32 @@ def test_interrupt_at_start_up_or_while_computing(env, tmp_path, sig, code, word
     assert list(tmp_path.iterdir()) == []  # nothing half-written
 
 
+def test_a_termination_a_library_turned_into_another_error_still_ends_as_terminated(env, capsys, monkeypatch):
+    """SIGTERM raises Terminated wherever the main thread is; a library that catches everything there (transformers'
+    lazy imports did, while the config loaded) turns it into its own error. The command still ends as terminated
+    (143), not with that error."""
+    from kneurons import models
+
+    _, paths = env
+
+    def load_config_then_swallow(*a, **kw):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)  # delivered here: Terminated is raised inside the try
+            time.sleep(5)
+        except BaseException as exc:  # noqa: BLE001 - what such a library does
+            raise models.KneuronsError(f"cannot read model config of model: {type(exc).__name__}") from None
+
+    monkeypatch.setattr(models, "load_model", load_config_then_swallow)
+    old = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as in a fresh command: main installs its handler
+    try:
+        code = main(["predict", "--model", paths["model"], "-t", "paris", PROMPTS[0]])
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    err = capsys.readouterr().err
+    assert code == 143 and err.strip().splitlines() == ["kneurons: terminated (signal 15)"], err
+
+
 def test_warnings_are_one_line_and_the_command_goes_on(env, capsys, tmp_path):
     """A neurons file from another model of the same shape is used with a one-line warning naming both models;
     an absurd amplify factor is allowed with a warning saying what it does."""

@@ -54,6 +54,8 @@ def test_explorer_in_chromium(tmp_path):
             page.on("requestfailed", lambda r: problems.append(f"request failed: {r.url}"))
             page.goto(served.url)
             page.wait_for_function("document.getElementById('model-name').textContent.includes('llama')")
+            # the state comes from a second request, after the model's name (under load it may not be there yet)
+            page.wait_for_function("document.getElementById('model-state').textContent !== '…'")
             assert page.inner_text("#model-state") == "original weights"
             methods = page.eval_on_selector_all("#locate-method option", "os => os.map(o => o.value)")
             assert methods == list(kneurons.attribution.METHODS)

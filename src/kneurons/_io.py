@@ -604,8 +604,19 @@ class Terminated(KeyboardInterrupt):
         self.signum = signum
 
 
+_RECEIVED: list[int] = []  # the signals raised as Terminated since handle_sigterm()
+
+
 def _raise_terminated(signum, frame):
+    _RECEIVED.append(signum)
     raise Terminated(signum)
+
+
+def termination_received() -> int | None:
+    """The termination signal received since :func:`handle_sigterm`, if any — also when the :class:`Terminated`
+    it raised was turned into another error on its way up (a library that catches everything while it imports or
+    loads, say), so that the command still ends as terminated, not with that error."""
+    return _RECEIVED[-1] if _RECEIVED else None
 
 
 def handle_sigterm() -> None:
@@ -614,6 +625,7 @@ def handle_sigterm() -> None:
 
     if threading.current_thread() is not threading.main_thread():
         return
+    _RECEIVED.clear()
     for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
         if sig is not None and signal.getsignal(sig) in (signal.SIG_DFL, None):
             signal.signal(sig, _raise_terminated)

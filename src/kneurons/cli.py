@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 
 from . import __version__
-from ._io import check_new_dir, check_target, handle_sigterm
+from ._io import check_new_dir, check_target, handle_sigterm, termination_received
 from .errors import KneuronsError
 
 
@@ -864,7 +864,13 @@ def main(argv=None) -> int:
             return exc.code if isinstance(exc.code, int) else 2
         _precheck(args)
         return args.fn(args)
-    except KneuronsError as exc:
+    except Exception as exc:
+        signum = termination_received()
+        if signum is not None:  # the signal's exception became this error on its way up: report the signal
+            print(f"kneurons: terminated (signal {signum})", file=sys.stderr)
+            return 128 + signum
+        if not isinstance(exc, KneuronsError):
+            raise
         print(f"kneurons: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
