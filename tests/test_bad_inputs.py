@@ -602,30 +602,40 @@ def test_interrupt_at_start_up_or_while_computing(env, tmp_path, sig, code, word
     assert list(tmp_path.iterdir()) == []  # nothing half-written
 
 
-def test_a_termination_a_library_turned_into_another_error_still_ends_as_terminated(env, capsys, monkeypatch):
-    """SIGTERM raises Terminated wherever the main thread is; a library that catches everything there (transformers'
-    lazy imports did, while the config loaded) turns it into its own error. The command still ends as terminated
-    (143), not with that error."""
+@pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"),
+                                             (signal.SIGTERM, 143, "terminated (signal 15)")])
+@pytest.mark.parametrize("becomes", ["KneuronsError", "RuntimeError"])
+def test_a_signal_a_library_turned_into_another_error_still_ends_the_command_as_signalled(
+        env, capsys, monkeypatch, sig, code, word, becomes):
+    """Ctrl-C and SIGTERM raise their exception wherever the main thread is; a library that catches everything
+    there (transformers' lazy imports did, while the config loaded) turns it into its own error, which would end
+    the command as bad input (2) or with a traceback. It still ends as interrupted / terminated."""
     from kneurons import models
 
     _, paths = env
 
     def load_config_then_swallow(*a, **kw):
         try:
-            os.kill(os.getpid(), signal.SIGTERM)  # delivered here: Terminated is raised inside the try
+            os.kill(os.getpid(), sig)  # delivered here: its exception is raised inside the try
             time.sleep(5)
         except BaseException as exc:  # noqa: BLE001 - what such a library does
+            if becomes == "RuntimeError":
+                raise RuntimeError(f"Could not import module 'LlamaConfig' ({type(exc).__name__})") from None
             raise models.KneuronsError(f"cannot read model config of model: {type(exc).__name__}") from None
 
     monkeypatch.setattr(models, "load_model", load_config_then_swallow)
-    old = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # as in a fresh command: main installs its handler
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a fresh command, whatever pytest installed
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
-        code = main(["predict", "--model", paths["model"], "-t", "paris", PROMPTS[0]])
+        result = main(["predict", "--model", paths["model"], "-t", "paris", PROMPTS[0]])
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # main restored the handlers
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     finally:
-        signal.signal(signal.SIGTERM, old)
+        for s, h in old.items():
+            signal.signal(s, h)
     err = capsys.readouterr().err
-    assert code == 143 and err.strip().splitlines() == ["kneurons: terminated (signal 15)"], err
+    assert result == code and err.strip().splitlines() == [f"kneurons: {word}"], err
 
 
 def test_warnings_are_one_line_and_the_command_goes_on(env, capsys, tmp_path):

@@ -604,7 +604,7 @@ class Terminated(KeyboardInterrupt):
         self.signum = signum
 
 
-_RECEIVED: list[int] = []  # the signals raised as Terminated since handle_sigterm()
+_RECEIVED: list[int] = []  # the signals raised as exceptions since handle_sigterm()
 
 
 def _raise_terminated(signum, frame):
@@ -612,20 +612,28 @@ def _raise_terminated(signum, frame):
     raise Terminated(signum)
 
 
+def _raise_interrupt(signum, frame):
+    _RECEIVED.append(signum)
+    raise KeyboardInterrupt
+
+
 def termination_received() -> int | None:
-    """The termination signal received since :func:`handle_sigterm`, if any — also when the :class:`Terminated`
-    it raised was turned into another error on its way up (a library that catches everything while it imports or
-    loads, say), so that the command still ends as terminated, not with that error."""
+    """The signal (SIGINT, SIGTERM, SIGHUP) received since :func:`handle_sigterm`, if any — also when the
+    exception it raised was turned into another error on its way up (transformers' lazy imports did that while a
+    model's config loaded), so that the command still ends as interrupted or terminated, not with that error."""
     return _RECEIVED[-1] if _RECEIVED else None
 
 
 def handle_sigterm() -> None:
-    """Make SIGTERM (and SIGHUP) raise :class:`Terminated` in the main thread — handled like Ctrl-C."""
+    """Make SIGTERM (and SIGHUP) raise :class:`Terminated` in the main thread — handled like Ctrl-C — and remember
+    every such signal and Ctrl-C (:func:`termination_received`)."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
         return
     _RECEIVED.clear()
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # the same KeyboardInterrupt, remembered
+        signal.signal(signal.SIGINT, _raise_interrupt)
     for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
         if sig is not None and signal.getsignal(sig) in (signal.SIG_DFL, None):
             signal.signal(sig, _raise_terminated)

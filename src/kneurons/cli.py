@@ -850,7 +850,8 @@ def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = sys.argv[1:] if argv is None else list(argv)
     in_main = threading.current_thread() is threading.main_thread()
-    old_handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)} if in_main else {}
+    old_handlers = ({sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+                    if in_main else {})
     handle_sigterm()  # SIGTERM/SIGHUP unwind like Ctrl-C (temporaries removed); exit 128 + signal number
     old_show = warnings.showwarning
     warnings.showwarning = _one_line_warning
@@ -867,21 +868,23 @@ def main(argv=None) -> int:
     except Exception as exc:
         signum = termination_received()
         if signum is not None:  # the signal's exception became this error on its way up: report the signal
-            print(f"kneurons: terminated (signal {signum})", file=sys.stderr)
-            return 128 + signum
+            return _signalled(signum)
         if not isinstance(exc, KneuronsError):
             raise
         print(f"kneurons: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        signum = getattr(exc, "signum", signal.SIGINT)
-        print("kneurons: interrupted" if signum == signal.SIGINT else f"kneurons: terminated (signal {signum})",
-              file=sys.stderr)
-        return 128 + signum
+        return _signalled(getattr(exc, "signum", signal.SIGINT))
     finally:
         warnings.showwarning = old_show
         for sig, handler in old_handlers.items():
             signal.signal(sig, handler)
+
+
+def _signalled(signum: int) -> int:
+    print("kneurons: interrupted" if signum == signal.SIGINT else f"kneurons: terminated (signal {signum})",
+          file=sys.stderr)
+    return 128 + signum
 
 
 if __name__ == "__main__":
