@@ -346,7 +346,11 @@ CLI_CASES = [
     ("run: --ray not an address", ["run", *M, "--data", "{data}", "--out", "{cwd}/r", "--ray", "my cluster"],
      "argument --ray"),
     ("run: --ray auto without a cluster", ["run", *M, "--data", "{data}", "--out", "{cwd}/r", "--ray", "auto"],
-     "no Ray cluster at --ray auto"),
+     "cannot connect to a Ray cluster at --ray auto"),
+    ("run: --workers beyond local:N", ["run", *M, "--data", "{data}", "--out", "{cwd}/r", "--ray", "local:1",
+                                       "--workers", "2"], "do not fit in --ray local:1"),
+    ("run: --gpus-per-worker 1.5", ["run", *M, "--data", "{data}", "--out", "{cwd}/r", "--ray", "local:1",
+                                    "--gpus-per-worker", "1.5"], "whole number of GPUs"),
     ("run: --ray HOST:PORT where nothing listens", ["run", *M, "--data", "{data}", "--out", "{cwd}/r", "--ray",
                                                    "127.0.0.1:{freeport}"], "(Connection refused)"),
     ("run: --workers without --ray", ["run", *M, "--data", "{data}", "--out", "{cwd}/r", "--workers", "2"],
@@ -442,12 +446,37 @@ def test_cli_attribution_beyond_memory_is_one_line(env, argv, fragment, capsys, 
     _refused_in_one_line(env, argv, fragment, capsys, monkeypatch, tmp_path)
 
 
-def _refused_in_one_line(env, argv, fragment, capsys, monkeypatch, tmp_path):
+def test_ray_is_reached_only_after_the_cheap_checks_of_the_run_directory(env, capsys, monkeypatch, tmp_path):
+    """``--ray`` with an ``--out`` that cannot be a run is refused by the store's checks, before any cluster is
+    reached or started (starting one takes seconds and prints Ray's own lines)."""
+    from kneurons.experiments.ray_pool import RayPool
+
+    def no_cluster(self):
+        raise AssertionError("the cluster was reached before the run directory was checked")
+
+    monkeypatch.setattr(RayPool, "connect", no_cluster)
+    _refused_in_one_line(env, ["run", *M, "--data", "{data}", "--out", F + "/text.txt", "--ray", "local:1"],
+                         "is a file", capsys, monkeypatch, tmp_path)
+
+
+def test_ray_auto_with_a_ray_address_where_nothing_listens(env, capsys, monkeypatch, tmp_path):
+    """``--ray auto`` follows RAY_ADDRESS (Ray's rule); one naming a port where nothing listens is refused at once
+    (Ray would retry it for minutes)."""
+    port = _free_port()
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    _refused_in_one_line(env, ["run", *M, "--data", "{data}", "--out", "{cwd}/r", "--ray", "auto"],
+                         f"--ray auto uses RAY_ADDRESS=127.0.0.1:{port}: no Ray cluster", capsys, monkeypatch,
+                         tmp_path, keep_ray_address=True)
+
+
+def _refused_in_one_line(env, argv, fragment, capsys, monkeypatch, tmp_path, keep_ray_address=False):
     root, paths = env
     cwd = root / "work" / tmp_path.name
     cwd.mkdir()
     monkeypatch.chdir(cwd)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    if not keep_ray_address:
+        monkeypatch.delenv("RAY_ADDRESS", raising=False)
     argv = [a.format(**paths, cwd=cwd, freeport=_free_port()) for a in argv]
     before = _snapshot(root)
     code = main(argv)

@@ -219,8 +219,9 @@ def test_rerun_is_a_no_op_and_other_config_refused(synthetic_run, tmp_path):
         make_run(synthetic_run, steps=5)
 
 
-def test_export_parquet_and_csv_match_the_store(synthetic_run, tmp_path):
+def test_export_parquet_and_csv_match_the_store(synthetic_run, tmp_path, request):
     st = RunStore(synthetic_run / "run")
+    request.addfinalizer(st.close)  # closed even when an assertion fails: later tests copy this run's files
     paths = export(synthetic_run / "run", "parquet", tmp_path / "pq")
     assert {p.name for p in paths} == {f"{e}.parquet" for e in st.experiments()} | {"config.json"}
     loc = pd.read_parquet(tmp_path / "pq" / "locate.parquet")
@@ -277,7 +278,8 @@ def test_sigkill_at_any_phase_then_resume_equals_an_uninterrupted_run(synthetic_
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "TOKENIZERS_PARALLELISM": "false"}
     args = _cli_args(synthetic_run, out)
-    total = sum(RunStore(synthetic_run / "run").counts().values())
+    with RunStore(synthetic_run / "run") as st:  # closed at once: later tests copy this run's files
+        total = sum(st.counts().values())
     _kill_when(args, out / DATABASE, 20, env)  # inside assess (64 units, stored in chunks of 16 facts)
     assert 20 <= _units(out / DATABASE) < total
     _kill_when(args, out / DATABASE, 70, env)  # a few located facts

@@ -107,7 +107,8 @@ def test_driver_killed_then_rerun_resumes_to_the_same_result(synthetic_run, tmp_
             pass
     assert proc.returncode == -signal.SIGKILL
     killed_at = _units(out / DATABASE)
-    total = sum(RunStore(synthetic_run / "run").counts().values())
+    with RunStore(synthetic_run / "run") as st:  # closed at once: later tests copy this run's files
+        total = sum(st.counts().values())
     assert 64 + 3 <= killed_at < total  # assess done, some facts located
     # local:N starts its own cluster even where RAY_ADDRESS names another one (here: an address nothing serves)
     done = subprocess.run(args, capture_output=True, text=True, env={**ENV, "RAY_ADDRESS": "127.0.0.1:9"},
@@ -116,6 +117,50 @@ def test_driver_killed_then_rerun_resumes_to_the_same_result(synthetic_run, tmp_
     assert "ray: units computed by 2 Ray workers" in done.stderr
     assert _units(out / DATABASE) == total
     _assert_same_results(synthetic_run / "run", out)
+
+
+def test_sigterm_ends_a_ray_run_like_one_without_ray(synthetic_run, tmp_path):
+    """``ray.init`` installs its own SIGTERM handler (which aborted the driver with a stack dump); the command keeps
+    its own: SIGTERM while the workers locate facts ends it with ``kneurons: terminated (signal 15)`` and 143.
+    While it runs, ``--ray auto`` elsewhere refuses to join its private local cluster."""
+    out = tmp_path / "run"
+    # 200 integration steps: a locate phase long enough for the probe below
+    proc = subprocess.Popen(_cli_args(synthetic_run, out, "--ray", "local:2", "--steps", "200"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV, cwd=ROOT,
+                            start_new_session=True)
+    deadline = time.time() + 300
+
+    def wait_for(experiment: str, n: int) -> None:
+        while _units(out / DATABASE, experiment) < n:
+            assert proc.poll() is None, f"run ended before {n} {experiment} units: {proc.stderr.read()[-2000:]}"
+            assert time.time() < deadline, "run too slow"
+            time.sleep(0.05)
+
+    try:
+        wait_for("assess", 1)  # the run's cluster is up
+        # --ray auto of another command finds that cluster (Ray's rule) and refuses to join it
+        probe = subprocess.run([sys.executable, "-c", "from kneurons.experiments.ray_pool import RayPool\n"
+                                "from kneurons.errors import KneuronsError\n"
+                                "try:\n    RayPool('auto').connect()\nexcept KneuronsError as e:\n    print(e)"],
+                               capture_output=True, text=True, env={k: v for k, v in ENV.items() if k != "RAY_ADDRESS"},
+                               timeout=120)
+        assert "found the private local cluster of another kneurons run" in probe.stdout, probe.stdout + probe.stderr
+        wait_for("locate", 1)
+        locate_at_signal = _units(out / DATABASE, "locate")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        try:  # whatever the command left of its cluster (nothing, when it ended as it should)
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == 143, err[-3000:]
+    assert err.strip().splitlines()[-1] == "kneurons: terminated (signal 15)" and "Traceback" not in err
+    with RunStore(synthetic_run / "run") as st:
+        total = sum(st.counts().values())
+    assert locate_at_signal <= _units(out / DATABASE) < total  # stopped while the workers computed units
 
 
 # ------------------------------------------------------------------------------- on the module's cluster

@@ -62,7 +62,14 @@ def one_line_error(capsys, fragment: str) -> str:
 
 
 def copy_run(synthetic_run: Path, dst: Path) -> Path:
+    """A copy of the fixture's finished run as one database file: if a reader of the original still had it open
+    (a write-ahead log beside it), the copy's log is checkpointed into it, as closing the last reader would."""
     shutil.copytree(synthetic_run / "run", dst, ignore=shutil.ignore_patterns("report", "export", LOCK))
+    con = sqlite3.connect(dst / DATABASE)
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    con.close()
+    for side in ("-wal", "-shm"):
+        assert not (dst / (DATABASE + side)).exists(), side
     return dst
 
 
@@ -253,13 +260,15 @@ def test_readers_see_a_snapshot_and_never_write(synthetic_run, tmp_path):
             reader.db.execute("DELETE FROM results")
         with pytest.raises(KneuronsError, match="read-only"):
             reader.put("x", "y", "z", [])
-    cfg = RunStore(run).config
+    with RunStore(run) as st:
+        cfg = st.config
     with RunStore.open(run, cfg) as writer:  # a run writing while a report reads
         reader = RunStore(run)
         n = sum(reader.counts().values())
         writer.put("extra", "u1", "r", [{"a": 1}])
         assert sum(reader.counts().values()) == n  # the reader's snapshot does not move
-        assert sum(RunStore(run).counts().values()) == n + 1  # a new reader sees the committed unit
+        with RunStore(run) as fresh:
+            assert sum(fresh.counts().values()) == n + 1  # a new reader sees the committed unit
         reader.close()
 
 
@@ -322,7 +331,8 @@ def test_a_changed_value_is_caught_by_its_checksum(synthetic_run, tmp_path, caps
     run2 = copy_run(synthetic_run, tmp_path / "run2")
     con = sqlite3.connect(run2 / DATABASE)
     e, u, r, payload = con.execute("SELECT experiment, unit, relation, rows FROM results LIMIT 1").fetchone()
-    other = store_mod.config_hash({**RunStore(synthetic_run / "run").config, "steps": 2})
+    with RunStore(synthetic_run / "run") as st:
+        other = store_mod.config_hash({**st.config, "steps": 2})
     with con:
         con.execute("UPDATE results SET config = ?, digest = ? WHERE experiment = ? AND unit = ?",
                     (other, store_mod._unit_digest(e, u, r, payload, other), e, u))

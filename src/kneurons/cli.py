@@ -446,13 +446,15 @@ def cmd_run(args) -> int:
     t = time.time()
     # before the model loads: the run's lock (one writer), a writable disk, an intact store of this configuration;
     # a failure before any result is stored removes what this command created
-    # None: in this process; with --ray: Ray installed, the cluster reached, before anything is written
+    # None: in this process; with --ray: its options checked and Ray installed, before anything is written
     executor = _ray_pool(args)
     try:
         with RunStore.open(args.out, cfg.identity()) as store:
-            # with --ray the workers hold the model on their devices, and load it while the driver loads its copy
-            # (for the weights digest, the tokenizer and the plan), which stays on the CPU
+            # with --ray: the cluster reached (or the local one started) before the model loads, after the cheap
+            # checks of the store; the workers hold the model on their devices and load it while the driver loads
+            # its copy (for the weights digest, the tokenizer and the plan), which stays on the CPU
             if executor is not None:
+                executor.connect()
                 executor.launch(cfg)
             handle = _load(args) if executor is None else _load(args, device="cpu")
             Runner(cfg, args.out, handle=handle, progress=not args.quiet, log=lambda m: print(m, file=sys.stderr),
@@ -479,10 +481,8 @@ def _ray_pool(args):
     from .experiments.ray_pool import RayPool, import_ray
 
     import_ray()  # a one-line error saying how to install it
-    pool = RayPool(args.ray, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+    return RayPool(args.ray, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
                    threads_per_worker=args.threads_per_worker or 1)
-    pool.connect()
-    return pool
 
 
 def _ray_address(text: str) -> str:

@@ -15,9 +15,11 @@ Ray is imported only here, and only when a pool starts (``pip install 'kneurons[
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 import os
 import re
+import signal
 import socket
 from dataclasses import dataclass, field
 from typing import Callable
@@ -26,6 +28,8 @@ from ..errors import KneuronsError
 from .units import Outcome, Task, compute
 
 INSTALL = "--ray needs Ray: pip install 'kneurons[ray]' (or pip install ray)"
+#: the custom resource that marks a ``local:N`` cluster as one command's own (suffix: the command's pid)
+PRIVATE = "kneurons_local_pid_"
 #: how long the pool waits for its workers to load the model (a cluster without room for them never starts them)
 STARTUP_TIMEOUT = 900.0
 
@@ -138,6 +142,13 @@ class RayPool:
         if gpus_per_worker is not None and not (isinstance(gpus_per_worker, (int, float)) and
                                                 math.isfinite(gpus_per_worker) and gpus_per_worker >= 0):
             raise KneuronsError(f"gpus_per_worker must be a number >= 0, got {gpus_per_worker!r}")
+        if gpus_per_worker is not None and gpus_per_worker > 1 and gpus_per_worker != int(gpus_per_worker):
+            raise KneuronsError(f"gpus_per_worker above 1 must be a whole number of GPUs (Ray's rule), got "
+                                f"{gpus_per_worker:g}")
+        if address is not None and address.startswith("local:") and workers is not None and \
+                workers > int(address.split(":")[1]):
+            raise KneuronsError(f"--workers {workers} do not fit in --ray {address} (a local cluster with room for "
+                                f"{address.split(':')[1]} workers): use --ray local:{workers}")
         self.address, self.workers, self.gpus = address, workers, gpus_per_worker
         self.threads, self.retries, self.depth, self.max_in_flight = threads_per_worker, retries, depth, max_in_flight
         self.description = f"a Ray pool ({address or 'this process’s Ray connection'})"
@@ -167,18 +178,27 @@ class RayPool:
         elif local:
             n = int(self.address.split(":")[1])
             # address "local": a new cluster even where RAY_ADDRESS or a `ray start` cluster would be joined
-            ray.init(address="local", num_cpus=n * self.threads, include_dashboard=False, log_to_driver=False,
-                     logging_level="warning", configure_logging=True)
+            with _own_signal_handlers():  # marked private: --ray auto of another command must not join it
+                ray.init(address="local", num_cpus=n * self.threads, include_dashboard=False, log_to_driver=False,
+                         logging_level="error", configure_logging=True,
+                         resources={f"{PRIVATE}{os.getpid()}": 1})
             self.owns_ray = True
         else:
             _probe(self.address)
             try:
-                ray.init(address=self.address, include_dashboard=False, log_to_driver=False,
-                         logging_level="warning")
+                with _own_signal_handlers():
+                    ray.init(address=self.address, include_dashboard=False, log_to_driver=False,
+                             logging_level="error")
             except ConnectionError as exc:
-                raise KneuronsError(f"no Ray cluster at --ray {self.address} ({_first_line(exc)}); start one with "
-                                    f"`ray start --head`, or use --ray local:N") from None
+                raise KneuronsError(f"cannot connect to a Ray cluster at --ray {self.address} ({_first_line(exc)}); "
+                                    f"start one with `ray start --head`, or use --ray local:N") from None
             self.owns_ray = True
+            private = [k for k in ray.cluster_resources() if k.startswith(PRIVATE)]
+            if private:  # Ray's `auto` also finds the local cluster of any process on this machine
+                self.close()
+                raise KneuronsError(f"--ray {self.address} found the private local cluster of another kneurons run "
+                                    f"(pid {private[0][len(PRIVATE):]}), which stops with it: start a shared one with "
+                                    f"`ray start --head`, or use --ray local:N")
         res = ray.cluster_resources()
         gpus = self.gpus if self.gpus is not None else (1 if res.get("GPU", 0) >= 1 else 0)
         self.gpus = gpus
@@ -383,10 +403,40 @@ class RayPool:
 PROBE_TIMEOUT = 10.0
 
 
+@contextlib.contextmanager
+def _own_signal_handlers():
+    """Keep this process's handlers of SIGINT, SIGTERM and SIGHUP across ``ray.init``, which installs its own (a
+    SIGTERM then aborted the driver with a C++ stack dump instead of ending it like Ctrl-C, exit 143)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    sigs = [s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None]
+    old = {s: signal.getsignal(s) for s in sigs}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            if h is not None:
+                signal.signal(s, h)
+
+
 def _probe(address: str) -> None:
     """Refuse at once a ``host:port`` (or ``ray://host:port``) where nothing accepts a connection: Ray itself
-    retries such an address for minutes. ``auto`` is left to Ray (it fails at once without a cluster)."""
+    retries such an address for minutes. ``auto`` is Ray's: ``RAY_ADDRESS`` if set (probed the same way), else a
+    cluster of this machine (it fails at once without one)."""
     if address == "auto":
+        env = os.environ.get("RAY_ADDRESS", "").strip()
+        if env and env not in ("auto", "local"):
+            try:
+                target = parse_address(env)
+            except KneuronsError:  # not host:port (e.g. a dashboard URL): Ray's to interpret
+                return
+            try:
+                _probe(target)
+            except KneuronsError as exc:
+                raise KneuronsError(f"--ray auto uses RAY_ADDRESS={env}: {exc}") from None
         return
     host, _, port = address.removeprefix("ray://").rpartition(":")
     host = host.strip("[]")  # an IPv6 literal
