@@ -624,6 +624,25 @@ def termination_received() -> int | None:
     return _RECEIVED[-1] if _RECEIVED else None
 
 
+@contextlib.contextmanager
+def kept_signal_handlers():
+    """Restore this process's handlers of SIGINT, SIGTERM and SIGHUP on leaving (the command's own, around
+    :func:`handle_sigterm`; ours, around ``ray.init``, which installs its own). Outside the main thread: nothing."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    sigs = [s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None]
+    old = {s: signal.getsignal(s) for s in sigs}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            if h is not None:
+                signal.signal(s, h)
+
+
 def handle_sigterm() -> None:
     """Make SIGTERM (and SIGHUP) raise :class:`Terminated` in the main thread — handled like Ctrl-C — and remember
     every such signal and Ctrl-C (:func:`termination_received`)."""

@@ -10,13 +10,12 @@ import math
 import os
 import signal
 import sys
-import threading
 import time
 import warnings
 from pathlib import Path
 
 from . import __version__
-from ._io import check_new_dir, check_target, handle_sigterm, termination_received
+from ._io import check_new_dir, check_target, handle_sigterm, kept_signal_handlers, termination_received
 from .errors import KneuronsError
 
 
@@ -849,10 +848,12 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 def main(argv=None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = sys.argv[1:] if argv is None else list(argv)
-    in_main = threading.current_thread() is threading.main_thread()
-    old_handlers = ({sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-                    if in_main else {})
-    handle_sigterm()  # SIGTERM/SIGHUP unwind like Ctrl-C (temporaries removed); exit 128 + signal number
+    with kept_signal_handlers():  # the caller's handlers back at the end (main may run inside another program)
+        handle_sigterm()  # SIGTERM/SIGHUP unwind like Ctrl-C (temporaries removed); exit 128 + signal number
+        return _main(argv)
+
+
+def _main(argv: list[str]) -> int:
     old_show = warnings.showwarning
     warnings.showwarning = _one_line_warning
     try:
@@ -877,8 +878,6 @@ def main(argv=None) -> int:
         return _signalled(getattr(exc, "signum", signal.SIGINT))
     finally:
         warnings.showwarning = old_show
-        for sig, handler in old_handlers.items():
-            signal.signal(sig, handler)
 
 
 def _signalled(signum: int) -> int:

@@ -15,15 +15,14 @@ Ray is imported only here, and only when a pool starts (``pip install 'kneurons[
 from __future__ import annotations
 
 import collections
-import contextlib
 import math
 import os
 import re
-import signal
 import socket
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .._io import kept_signal_handlers
 from ..errors import KneuronsError
 from .units import Outcome, Task, compute
 
@@ -178,7 +177,10 @@ class RayPool:
         elif local:
             n = int(self.address.split(":")[1])
             # address "local": a new cluster even where RAY_ADDRESS or a `ray start` cluster would be joined
-            with _own_signal_handlers():  # marked private: --ray auto of another command must not join it
+            # ray.init installs its own signal handlers (SIGTERM then aborted the driver with a C++ stack dump
+            # instead of ending it like Ctrl-C, exit 143): ours are put back. Marked private: --ray auto of another
+            # command must not join it
+            with kept_signal_handlers():
                 ray.init(address="local", num_cpus=n * self.threads, include_dashboard=False, log_to_driver=False,
                          logging_level="error", configure_logging=True,
                          resources={f"{PRIVATE}{os.getpid()}": 1})
@@ -186,7 +188,7 @@ class RayPool:
         else:
             _probe(self.address)
             try:
-                with _own_signal_handlers():
+                with kept_signal_handlers():
                     ray.init(address=self.address, include_dashboard=False, log_to_driver=False,
                              logging_level="error")
             except ConnectionError as exc:
@@ -401,25 +403,6 @@ class RayPool:
 
 #: how long a cluster address may take to accept a TCP connection before it is refused
 PROBE_TIMEOUT = 10.0
-
-
-@contextlib.contextmanager
-def _own_signal_handlers():
-    """Keep this process's handlers of SIGINT, SIGTERM and SIGHUP across ``ray.init``, which installs its own (a
-    SIGTERM then aborted the driver with a C++ stack dump instead of ending it like Ctrl-C, exit 143)."""
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    sigs = [s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None]
-    old = {s: signal.getsignal(s) for s in sigs}
-    try:
-        yield
-    finally:
-        for s, h in old.items():
-            if h is not None:
-                signal.signal(s, h)
 
 
 def _probe(address: str) -> None:
